@@ -1,0 +1,203 @@
+"""Small, plain ``nn.Module`` models used throughout the book.
+
+All models map a batch of inputs to class logits.  Inputs may be flat
+feature vectors; the convolutional and patch models reshape them to
+``image_shape`` when they arrive flat, so one dataset tensor feeds every
+model.
+
+The residual models share one duck-typed contract that the credit-assignment
+metrics and the FA diagnostics rely on:
+
+* ``ResidualMLP``: ``embed`` -> ``blocks`` (``h <- h + f_l(h)``) ->
+  ``out_ln`` -> ``out_head``;
+* ``ViTMini``: ``patch_embed`` (+ CLS token and positions) -> ``blocks`` ->
+  ``norm`` -> ``head`` (read on the CLS token).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def make_activation(name: str) -> nn.Module:
+    """Return a fresh activation module from its name (``tanh``, ``relu``, ``gelu``)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class MLP(nn.Module):
+    """Fully connected network ``in_dim -> widths... -> out_dim``.
+
+    Parameters
+    ----------
+    in_dim, out_dim : int
+        Input features and number of classes.
+    widths : sequence of int
+        Hidden layer widths (empty for a linear-softmax model).
+    activation : {"tanh", "relu", "gelu"}
+    dropout : float
+        Dropout probability after every hidden activation (0 disables it).
+    """
+
+    def __init__(self, in_dim: int, widths: Sequence[int], out_dim: int,
+                 activation: str = "tanh", dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_dim
+        for width in widths:
+            layers += [nn.Linear(previous, width), make_activation(activation)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            previous = width
+        layers.append(nn.Linear(previous, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Two conv-ReLU-pool stages and a linear head.
+
+    ``image_shape`` is ``(C, H, W)``; flat inputs are reshaped to it.  Global
+    average pooling before the head makes the model size independent of H, W.
+    """
+
+    def __init__(self, image_shape: Sequence[int] = (1, 8, 8), n_classes: int = 10,
+                 channels: Sequence[int] = (16, 32)):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(self.image_shape[0], c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(c2, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.view(-1, *self.image_shape)
+        return self.head(self.features(x).flatten(1))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN residual branch ``f(h) = W2 act(W1 LN(h))``; the caller adds ``h``."""
+
+    def __init__(self, width: int, hidden: int, activation: str = "gelu"):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = make_activation(activation)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.ln(h))))
+
+
+class ResidualMLP(nn.Module):
+    """Pre-LayerNorm residual MLP: ``h_0 = embed(x)``, ``h_{l+1} = h_l + f_l(h_l)``.
+
+    Logits are ``out_head(out_ln(h_L))``.  ``forward(x, return_hidden=True)``
+    also returns the residual stream ``[h_0, ..., h_L]``.
+
+    Parameters
+    ----------
+    in_dim : int
+    width : int
+        Residual-stream width d.
+    n_classes : int
+    n_blocks : int
+        Number of residual blocks L.
+    hidden : int, optional
+        Hidden width of each block (default ``width``).
+    activation : {"tanh", "relu", "gelu"}
+    """
+
+    def __init__(self, in_dim: int, width: int, n_classes: int, n_blocks: int,
+                 hidden: int | None = None, activation: str = "gelu"):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, width)
+        self.blocks = nn.ModuleList(
+            ResidualBlock(width, hidden or width, activation) for _ in range(n_blocks))
+        self.out_ln = nn.LayerNorm(width)
+        self.out_head = nn.Linear(width, n_classes)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor, return_hidden: bool = False):
+        h = self.embed(x.flatten(1))
+        hidden = [h]
+        for block in self.blocks:
+            h = h + block(h)
+            hidden.append(h)
+        logits = self.out_head(self.out_ln(h))
+        return (logits, hidden) if return_hidden else logits
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block: attention and MLP branches, each residual."""
+
+    def __init__(self, width: int, n_heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, n_heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(),
+                                 nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Return the block's residual update ``f(h)`` (the caller adds ``h``)."""
+        a = self.ln1(h)
+        h_mid = h + self.attn(a, a, a, need_weights=False)[0]
+        return h_mid - h + self.mlp(self.ln2(h_mid))
+
+
+class ViTMini(nn.Module):
+    """A tiny vision transformer with a CLS token.
+
+    ``patch_embed`` maps each non-overlapping ``patch x patch`` patch to
+    ``width`` features; a learned CLS token and positions are added; each
+    block returns its residual update ``f_l(h)`` and ``forward`` adds it, as in
+    ``ResidualMLP``; the head reads ``norm(h_L)[:, 0]``.
+    """
+
+    def __init__(self, image_shape: Sequence[int] = (1, 8, 8), n_classes: int = 10,
+                 patch: int = 4, width: int = 32, n_blocks: int = 2, n_heads: int = 2):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c, h, w = self.image_shape
+        if h % patch or w % patch:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {patch}")
+        n_patches = (h // patch) * (w // patch)
+        self.patch_embed = nn.Conv2d(c, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, width) / math.sqrt(width))
+        self.blocks = nn.ModuleList(TransformerBlock(width, n_heads) for _ in range(n_blocks))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, n_classes)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed images (or flat inputs) as ``[CLS, patches] + positions``."""
+        if x.dim() == 2:
+            x = x.view(-1, *self.image_shape)
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1) + self.pos
+
+    def forward(self, x: torch.Tensor, return_hidden: bool = False):
+        h = self.tokens(x)
+        hidden = [h]
+        for block in self.blocks:
+            h = h + block(h)
+            hidden.append(h)
+        logits = self.head(self.norm(h)[:, 0])
+        return (logits, hidden) if return_hidden else logits

@@ -1,0 +1,258 @@
+"""The MBE audit against independent oracles: pingouin, scipy, explicit resampling."""
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pingouin as pg
+import pytest
+from scipy import stats
+
+from mbe_helpers import MBEInputError, audit, classify, partial_rank_corr
+from mbe_helpers.audit import CLASSES, _build_design, _rank_correlations, bh_qvalues, weighted_ranks
+
+matplotlib.use("Agg")
+
+
+def ledger(n=120, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.normal(size=(n, 7)), columns=["m", "y", "c1", "c2", "c3", "c4", "c5"])
+    df["y"] += df.c1 + 0.4 * df.m
+    df["m"] += df.c1 - 0.5 * df.c2
+    if ties:
+        df = df.round(0)
+    df["arch"] = rng.choice(["mlp", "cnn", "res"], n)
+    return df
+
+
+def reference_partial(df, x, y, numeric, categorical=()):
+    """Plain definition: residualise ranks on [1, ranks, dummies] with lstsq, correlate."""
+    z = [np.ones(len(df))] + [stats.rankdata(df[c]) for c in numeric]
+    for c in categorical:
+        z += list(pd.get_dummies(df[c], drop_first=True).to_numpy(float).T)
+    z = np.column_stack(z)
+    res = [v - z @ np.linalg.lstsq(z, v, rcond=None)[0] for v in (stats.rankdata(df[x]), stats.rankdata(df[y]))]
+    return np.corrcoef(*res)[0, 1]
+
+
+# ----------------------------------------------------------------- point estimates
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("ties", [False, True])
+def test_partial_equals_pingouin(k, ties):
+    df = ledger(ties=ties)
+    covar = [f"c{i}" for i in range(1, k + 1)]
+    r, p, n = partial_rank_corr(df, "m", "y", covar)
+    ref = pg.partial_corr(df, x="m", y="y", covar=covar, method="spearman")
+    assert n == len(df)
+    assert abs(r - ref["r"].iloc[0]) < 1e-10
+    assert abs(p - ref["p_val"].iloc[0]) < 1e-10
+
+
+def test_no_controls_is_spearman():
+    df = ledger(ties=True)
+    r, p, n = partial_rank_corr(df, "m", "y")
+    ref = stats.spearmanr(df.m, df.y)
+    assert (abs(r - ref.statistic), abs(p - ref.pvalue)) < (1e-12, 1e-12)
+
+
+def test_categorical_control_matches_definition_and_pingouin_on_dummies():
+    df = ledger()
+    r, p, _ = partial_rank_corr(df, "m", "y", ["c1", "arch"])
+    assert abs(r - reference_partial(df, "m", "y", ["c1"], ["arch"])) < 1e-12
+    dummies = pd.get_dummies(df.arch, drop_first=True, prefix="a").astype(float)
+    wide = pd.concat([df, dummies], axis=1)
+    ref = pg.partial_corr(wide, x="m", y="y", covar=["c1", *dummies.columns], method="spearman")
+    assert abs(r - ref["r"].iloc[0]) < 1e-10 and abs(p - ref["p_val"].iloc[0]) < 1e-10
+
+
+def test_partial_removes_a_shared_cause():
+    rng = np.random.default_rng(1)
+    cause = rng.normal(size=400)
+    df = pd.DataFrame({"m": cause + 0.3 * rng.normal(size=400), "y": cause + 0.3 * rng.normal(size=400),
+                       "b": cause})
+    r_raw, _, _ = partial_rank_corr(df, "m", "y")
+    r_partial, p_partial, _ = partial_rank_corr(df, "m", "y", ["b"])
+    assert r_raw > 0.8 and abs(r_partial) < 0.1 and p_partial > 0.01
+
+
+# ----------------------------------------------------------------- classes
+
+@pytest.mark.parametrize("raw, partial, expected", [
+    (np.nan, 0.5, "insufficient-data"),
+    (0.5, np.nan, "insufficient-data"),
+    (0.6, 0.05, "washout"),
+    (-0.2, -0.0999, "washout"),              # boundaries: |raw| >= e, |partial| < w
+    (-0.5, 0.3, "sign-inversion"),
+    (0.5, -0.3, "reverse-inversion"),
+    (0.1, 0.3, "hidden-after-control"),
+    (0.1, -0.2, "hidden-after-control"),
+    (0.5, 0.4, "survives"),
+    (-0.5, -0.2, "survives"),
+    (0.5, 0.15, "weak-or-mixed"),
+    (0.1, 0.05, "weak-or-mixed"),
+    (-0.19, 0.19, "weak-or-mixed"),
+])
+def test_classify(raw, partial, expected):
+    assert classify(raw, partial) == expected
+
+
+def test_classify_thresholds_are_configurable():
+    assert classify(0.15, 0.04) == "weak-or-mixed"
+    assert classify(0.15, 0.04, effect=0.1, washout=0.05) == "washout"
+    assert set(CLASSES) >= {classify(*c) for c in [(0.6, 0.05), (0.5, 0.4)]}
+
+
+# ----------------------------------------------------------------- weighted engine
+
+def test_weighted_ranks_equal_ranks_of_expanded_data():
+    rng = np.random.default_rng(2)
+    values = rng.integers(0, 6, 40).astype(float)          # many ties
+    weights = rng.integers(0, 4, (5, 40)).astype(float)
+    ranks = weighted_ranks(values, weights)
+    for w, r in zip(weights, ranks):
+        expanded = np.repeat(values, w.astype(int))
+        expected = stats.rankdata(expanded)
+        assert np.allclose(np.repeat(r, w.astype(int)), expected)
+
+
+def test_weighted_correlations_equal_explicit_resamples():
+    df = ledger(n=60, ties=True)
+    controls = ["c1", "c2", "arch"]
+    design = _build_design(df, "m", "y", controls)
+    weights = np.random.default_rng(3).integers(0, 3, (6, len(df))).astype(float)
+    raw, partial = _rank_correlations(design, weights)
+    for w, r0, r1 in zip(weights, raw, partial):
+        expanded = df.loc[df.index.repeat(w.astype(int))].reset_index(drop=True)
+        assert abs(r0 - stats.spearmanr(expanded.m, expanded.y).statistic) < 1e-10
+        assert abs(r1 - reference_partial(expanded, "m", "y", ["c1", "c2"], ["arch"])) < 1e-10
+
+
+def test_bootstrap_interval_equals_explicit_loop():
+    df, n_boot, seed = ledger(n=50), 40, 7
+    table = audit(df, "m", "y", ["c1", "c2"], bootstrap=n_boot, seed=seed).table.iloc[0]
+    draws = np.random.default_rng(seed).integers(0, len(df), size=(n_boot, len(df)))
+    partials = [partial_rank_corr(df.iloc[d], "m", "y", ["c1", "c2"])[0] for d in draws]
+    raws = [stats.spearmanr(df.m.iloc[d], df.y.iloc[d]).statistic for d in draws]
+    assert np.allclose([table.partial_lo, table.partial_hi], np.percentile(partials, [2.5, 97.5]))
+    assert np.allclose([table.raw_lo, table.raw_hi], np.percentile(raws, [2.5, 97.5]))
+    diffs = np.subtract(partials, raws)
+    assert np.allclose([table.diff_lo, table.diff_hi], np.percentile(diffs, [2.5, 97.5]))
+
+
+def test_cluster_bootstrap_of_replicated_rows_equals_row_bootstrap():
+    """Each run repeated 4 times (one cluster per run): ranks are an affine map of the originals."""
+    df = ledger(n=40)
+    df["run"] = np.arange(len(df))
+    repeated = pd.concat([df] * 4, ignore_index=True)
+    a = audit(df, "m", "y", ["c1"], bootstrap=200, seed=5).table.iloc[0]
+    b = audit(repeated, "m", "y", ["c1"], bootstrap=200, seed=5, cluster="run").table.iloc[0]
+    cols = ["raw_r", "partial_r", "raw_lo", "raw_hi", "partial_lo", "partial_hi"]
+    assert np.allclose(a[cols].astype(float), b[cols].astype(float), atol=1e-10)
+    naive = audit(repeated, "m", "y", ["c1"], bootstrap=200, seed=5).table.iloc[0]
+    assert naive.partial_hi - naive.partial_lo < 0.75 * (b.partial_hi - b.partial_lo)
+
+
+def test_bootstrap_is_deterministic_given_seed():
+    df = ledger()
+    a = audit(df, "m", "y", ["c1"], bootstrap=100, permutations=100, seed=1).table
+    b = audit(df, "m", "y", ["c1"], bootstrap=100, permutations=100, seed=1).table
+    c = audit(df, "m", "y", ["c1"], bootstrap=100, permutations=100, seed=2).table
+    pd.testing.assert_frame_equal(a, b)
+    assert not np.isclose(a.partial_lo[0], c.partial_lo[0])
+
+
+# ----------------------------------------------------------------- permutation, FDR
+
+def test_permutation_p_tracks_parametric_p():
+    rng = np.random.default_rng(4)
+    df = pd.DataFrame(rng.normal(size=(80, 3)), columns=["m", "y", "b"])
+    df["y"] += 0.2 * df.m
+    row = audit(df, "m", "y", ["b"], permutations=4000, seed=0).table.iloc[0]
+    assert abs(row.perm_p - row.partial_p) < 0.04
+    strong = df.assign(y=df.m + 0.1 * df.b)
+    assert audit(strong, "m", "y", ["b"], permutations=999).table.perm_p[0] == pytest.approx(1 / 1000)
+
+
+def test_permutation_within_singleton_blocks_cannot_move():
+    df = ledger(n=30)
+    df["block"] = np.arange(len(df))
+    row = audit(df, "m", "y", ["c1"], permutations=50, blocks="block").table.iloc[0]
+    assert row.perm_p == 1.0
+
+
+def test_bh_qvalues_hand_computed():
+    q = bh_qvalues([0.01, 0.04, 0.03, 0.2, np.nan])
+    assert np.allclose(q[:4], [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
+    assert np.isnan(q[4])
+
+
+# ----------------------------------------------------------------- the table
+
+def test_table_shape_groups_and_dropped_rows():
+    df = ledger(n=150)
+    df.loc[:4, "m"] = np.nan
+    df.loc[5, "m"] = np.inf
+    result = audit(df, ["m", "c3"], "y", ["c1", "arch"], groupby="arch", bootstrap=50)
+    t = result.table
+    assert list(t.columns[:10]) == ["group", "metric", "n", "n_dropped", "raw_r", "raw_p",
+                                    "partial_r", "partial_p", "diff", "classification"]
+    assert {"raw_lo", "partial_hi", "diff_lo", "q"} <= set(t.columns)
+    assert len(t) == 2 * 4 and t.group.iloc[0] == "all"
+    row = t[(t.group == "all") & (t.metric == "m")].iloc[0]
+    assert (row.n, row.n_dropped) == (144, 6)
+    inner = t[t.group == "arch=cnn"].iloc[0]
+    assert inner.controls == "c1"                 # the group column is not a control inside it
+    sub = df[(df.arch == "cnn")].dropna(subset=["m"])
+    sub = sub[np.isfinite(sub.m)]
+    assert abs(inner.partial_r - partial_rank_corr(sub, "m", "y", ["c1"])[0]) < 1e-12
+
+
+def test_control_equal_to_metric_is_dropped():
+    df = ledger()
+    t = audit(df, ["m", "c1"], "y", ["c1"]).table
+    assert t.controls.tolist() == ["c1", ""]
+    assert abs(t.partial_r[1] - stats.spearmanr(df.c1, df.y).statistic) < 1e-12
+
+
+def test_small_group_is_insufficient_not_an_error():
+    df = ledger(n=60)
+    df.loc[:2, "arch"] = "tiny"
+    t = audit(df, "m", "y", ["c1", "c2"], groupby="arch").table
+    tiny = t[t.group == "arch=tiny"].iloc[0]
+    assert tiny.classification == "insufficient-data" and "need" in tiny.note
+
+
+def test_result_renders_everywhere():
+    result = audit(ledger(), ["m", "c3"], "y", ["c1"], bootstrap=20)
+    assert "washout" in str(result) or "survives" in str(result)
+    md = result.to_markdown()
+    assert md.count("\n|") >= 3 and "| metric |" in md
+    assert "<table" in result._repr_html_()
+    assert result.classification("m") in CLASSES
+    fig = result.plot("m")
+    assert len(fig.axes) == 2
+    pd.testing.assert_frame_equal(result.to_frame(), result.table)
+
+
+# ----------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("call, message", [
+    (lambda df: audit(df, "nope", "y", ["c1"]), r"unknown column 'nope'; available columns: m, y"),
+    (lambda df: audit(df, "m", "y", ["c1", "zzz"]), r"unknown column 'zzz'"),
+    (lambda df: audit(df, ["m", "y"], "y"), r"target 'y' is also listed as a metric"),
+    (lambda df: audit(df.assign(m=1.0), "m", "y", ["c1"]), r"column 'm' is constant"),
+    (lambda df: audit(df.assign(c2=3), "m", "y", ["c2"]), r"column 'c2' is constant"),
+    (lambda df: audit(df.head(4), "m", "y", ["c1", "c2"]), r"only 4 complete rows .* at least 5"),
+    (lambda df: audit(df.assign(m=np.nan), "m", "y"), r"only 0 complete rows"),
+    (lambda df: audit(df, "arch", "y"), r"column 'arch' must be numeric"),
+    (lambda df: audit(df.to_numpy(), "m", "y"), r"expected a pandas DataFrame"),
+    (lambda df: audit({"m": [1, 2, 3], "y": [1, 2]}, "m", "y"), r"different lengths"),
+    (lambda df: audit(df, "m", "y", bootstrap=-5), r"bootstrap must be a non-negative integer"),
+    (lambda df: audit(df, "m", "y", effect=0.05, washout=0.1), r"0 < washout <= effect < 1"),
+    (lambda df: audit(df, [], "y"), r"no metric given"),
+    (lambda df: partial_rank_corr(df, "m", "q", ["c1"]), r"unknown column 'q'"),
+])
+def test_bad_input_gets_one_sentence(call, message):
+    with pytest.raises(MBEInputError, match=message) as info:
+        call(ledger(n=40))
+    assert "\n" not in str(info.value)
