@@ -1,0 +1,250 @@
+r"""Four diagnostics that decide whether a feedback-alignment result can be read at face value.
+
+On a trained residual network and a fixed evaluation set:
+
+(a) **residual-stream norms** -- the median over the batch of
+    :math:`\lVert h_l \rVert_2` per stream state (token models: the CLS
+    token) and the largest growth :math:`\max_l \lVert h_{l+1}\rVert /
+    \lVert h_l\rVert` between consecutive states.  Fires above
+    ``max_growth``: the stream is dominated by a few blocks.
+(b) **BP-gradient norms** -- the median :math:`\lVert \partial L /
+    \partial h_l \rVert_2` (L the batch-mean cross-entropy) through the
+    explicit residual path.  Fires when any state's gradient is below
+    ``grad_floor``: the reference vector of every alignment number is then
+    numerical noise.
+(c) **cross-batch direction stability** -- the mean pairwise cosine of the
+    normalised batch-mean BP gradient :math:`\bar g_l / \lVert \bar g_l\rVert`
+    over disjoint batches (calibrated for about 8 batches of about 128).
+    Fires above ``stability_ceiling``: the "credit" is a sample-invariant
+    drift, not per-sample information.
+(d) **frozen-blocks baseline** -- the method's headline accuracy minus that
+    of the same architecture whose blocks stay at initialisation.  Fires
+    below ``frozen_margin``: the deep blocks added nothing.
+
+All norms are taken along the feature dimension (``norm(dim=-1)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mbe_helpers.errors import MBEInputError
+from mbe_helpers.stream import check_contract, forward_stream, stream_gradients
+
+FIRES, OK, SKIPPED = "fires", "ok", "skipped"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where each diagnostic fires.
+
+    Attributes
+    ----------
+    grad_floor : float
+        (b) a median BP-gradient norm below this is at the numerical floor (1e-7).
+    max_growth : float
+        (a) largest allowed growth of the stream norm across one block (50x).
+    stability_ceiling : float
+        (c) mean cross-batch cosine above this is a sample-invariant drift (0.30).
+    frozen_margin : float
+        (d) the method must beat the frozen-blocks baseline by this many
+        accuracy points, as a fraction (0.02 = 2 percentage points).
+    """
+
+    grad_floor: float = 1e-7
+    max_growth: float = 50.0
+    stability_ceiling: float = 0.30
+    frozen_margin: float = 0.02
+
+
+def _cls(t: torch.Tensor) -> torch.Tensor:
+    """One vector per sample: the CLS token of token states, the state itself otherwise."""
+    return t[:, 0, :] if t.dim() == 3 else t
+
+
+def residual_norms(model, x: torch.Tensor) -> list[float]:
+    r"""(a) Median over the batch of :math:`\lVert h_l\rVert_2`, for l = 0..L."""
+    with torch.no_grad():
+        hidden, _ = forward_stream(model, x)
+    return [float(_cls(h).norm(dim=-1).median()) for h in hidden]
+
+
+def bp_grad_norms(model, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    r"""(b) Median over the batch of :math:`\lVert \partial L/\partial h_l\rVert_2`, for l = 0..L."""
+    _, grads, _ = stream_gradients(model, x, y)
+    return [float(_cls(g).norm(dim=-1).median()) for g in grads]
+
+
+def direction_stability(model, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    r"""(c) Mean pairwise cosine of the batch-mean BP-gradient direction, per state l = 0..L.
+
+    For each batch b the direction is :math:`u_b = \bar g_b / \lVert \bar g_b\rVert`
+    with :math:`\bar g_b` the mean over the batch of :math:`\partial L/\partial h_l`;
+    the value is :math:`\frac{2}{B(B-1)}\sum_{b<c} u_b^\top u_c`.  A batch whose
+    mean gradient is exactly zero has no direction and makes the value NaN.
+    """
+    if len(batches) < 2:
+        raise MBEInputError(f"direction stability needs at least 2 disjoint batches, got {len(batches)}")
+    per_batch = []
+    for x, y in batches:
+        _, grads, _ = stream_gradients(model, x, y)
+        per_batch.append(torch.stack([_cls(g).double().mean(dim=0).flatten() for g in grads]))
+    means = torch.stack(per_batch)                        # (batches, states, d)
+    norms = means.norm(dim=-1, keepdim=True)
+    units = torch.where(norms > 0, means / norms.clamp_min(1e-300), torch.nan)
+    cos = torch.einsum("bld,cld->lbc", units, units)
+    upper = torch.triu_indices(len(batches), len(batches), offset=1)
+    return [float(c[upper[0], upper[1]].mean()) for c in cos]
+
+
+@dataclass
+class Diagnosis:
+    """Every value of the protocol, a verdict per diagnostic and an overall verdict."""
+
+    method: str
+    residual_norms: list[float]
+    bp_grad_norms: list[float]
+    stability: list[float]
+    stability_layer: int
+    headline_acc: float
+    frozen_baseline_acc: float | None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    # ---------------------------------------------------------------- verdicts
+    @property
+    def max_growth(self) -> float:
+        """Largest ratio of consecutive stream norms."""
+        r = np.asarray(self.residual_norms)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            growth = r[1:] / r[:-1]
+        return float(np.nanmax(growth)) if len(growth) else float("nan")
+
+    @property
+    def verdicts(self) -> dict[str, tuple[str, str]]:
+        """``{diagnostic: (fires | ok | skipped, one-line reason)}``."""
+        t = self.thresholds
+        growth, floor = self.max_growth, min(self.bp_grad_norms)
+        stab = self.stability[self.stability_layer]
+        out = {
+            "a_residual_growth": (FIRES if growth > t.max_growth else OK,
+                                  f"largest growth across a block {growth:.3g}x (limit {t.max_growth:g}x)"),
+            "b_bp_gradient_floor": (FIRES if floor < t.grad_floor else OK,
+                                    f"smallest median |dL/dh| {floor:.2e} (floor {t.grad_floor:.0e})"),
+            "c_direction_stability": (
+                FIRES if not stab <= t.stability_ceiling else OK,
+                f"cross-batch cosine at h_{self.stability_layer} {stab:.3f} (ceiling {t.stability_ceiling:.2f})"),
+        }
+        if self.frozen_baseline_acc is None:
+            out["d_frozen_baseline"] = (SKIPPED, "no frozen-blocks accuracy given")
+        else:
+            margin = self.headline_acc - self.frozen_baseline_acc
+            out["d_frozen_baseline"] = (
+                FIRES if margin < t.frozen_margin else OK,
+                f"headline {self.headline_acc:.3f} vs frozen {self.frozen_baseline_acc:.3f}: "
+                f"margin {100 * margin:+.1f} pp (needs {100 * t.frozen_margin:.0f} pp)")
+        return out
+
+    @property
+    def verdict(self) -> str:
+        """``face value`` when no diagnostic fires, else which ones do."""
+        fired = [name for name, (state, _) in self.verdicts.items() if state == FIRES]
+        return "face value" if not fired else "not at face value: " + ", ".join(fired)
+
+    # ---------------------------------------------------------------- views
+    def layers(self) -> pd.DataFrame:
+        """One row per stream state: norm, BP-gradient norm, stability."""
+        return pd.DataFrame({"method": self.method, "layer": range(len(self.residual_norms)),
+                             "residual_norm": self.residual_norms,
+                             "bp_grad_norm": self.bp_grad_norms, "stability": self.stability})
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per diagnostic: state and reason."""
+        return pd.DataFrame([{"method": self.method, "diagnostic": name, "state": state, "detail": why}
+                             for name, (state, why) in self.verdicts.items()])
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(verdicts={k: v[0] for k, v in self.verdicts.items()}, verdict=self.verdict)
+        return out
+
+    def to_markdown(self) -> str:
+        lines = [f"**FA diagnostics: {self.method}** -- {self.verdict}", "",
+                 "| diagnostic | state | detail |", "|---|---|---|"]
+        lines += [f"| {n} | {s} | {d} |" for n, (s, d) in self.verdicts.items()]
+        return "\n".join(lines) + "\n"
+
+    def _repr_html_(self) -> str:
+        return self.to_frame().style.hide(axis="index").set_caption(
+            f"FA diagnostics: {self.method} -- {self.verdict}").to_html()
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title=f"FA diagnostics: {self.method} — {self.verdict}")
+        for col in ("diagnostic", "state", "detail"):
+            table.add_column(col)
+        colour = {FIRES: "red", OK: "green", SKIPPED: "dim"}
+        for name, (state, why) in self.verdicts.items():
+            table.add_row(name, f"[{colour[state]}]{state}[/]", why)
+        return table
+
+    def show(self, console=None) -> None:
+        """Print the verdict table in the terminal."""
+        from rich.console import Console
+
+        (console or Console()).print(self)
+
+
+def _check_accuracy(name: str, value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise MBEInputError(f"{name} must be a fraction between 0 and 1, got {value}")
+    return value
+
+
+def diagnose(model, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], headline_acc: float,
+             frozen_baseline_acc: float | None = None, *, method: str = "method",
+             stability_layer: int | None = None, thresholds: Thresholds | None = None) -> Diagnosis:
+    """Run the four diagnostics on a trained residual model.
+
+    Parameters
+    ----------
+    model
+        A residual model (see :mod:`mbe_helpers.stream` for the contract); it
+        is put in eval mode.
+    eval_batches : sequence of (x, y)
+        At least two disjoint batches (about 8 of about 128 is the calibrated
+        setting); (a) and (b) use the first one.
+    headline_acc, frozen_baseline_acc : float
+        Accuracies as fractions; without a frozen baseline (d) is skipped.
+    method : str
+        Label of the report.
+    stability_layer : int, optional
+        Stream state judged by (c); default the middle one, ``(L + 1) // 2`` (at least 1).
+    thresholds : Thresholds, optional
+    """
+    check_contract(model)
+    headline_acc = _check_accuracy("headline_acc", headline_acc)
+    frozen_baseline_acc = _check_accuracy("frozen_baseline_acc", frozen_baseline_acc)
+    batches = list(eval_batches)
+    if not batches:
+        raise MBEInputError("eval_batches is empty; give at least 2 disjoint (x, y) batches")
+    model.eval()
+    x0, y0 = batches[0]
+    n_states = len(model.blocks) + 1
+    layer = max(1, n_states // 2) if stability_layer is None else stability_layer
+    if not 0 <= layer < n_states:
+        raise MBEInputError(f"stability_layer must be between 0 and {n_states - 1}, got {layer}")
+    return Diagnosis(method=method, residual_norms=residual_norms(model, x0),
+                     bp_grad_norms=bp_grad_norms(model, x0, y0),
+                     stability=direction_stability(model, batches), stability_layer=layer,
+                     headline_acc=headline_acc, frozen_baseline_acc=frozen_baseline_acc,
+                     thresholds=thresholds or Thresholds())
