@@ -237,3 +237,122 @@ def bridge_residual(value_net: nn.Module, target_net: nn.Module, h: torch.Tensor
         residual = value_net(h, t, s) - soft_min_target(target_net, next_states, t_next, s,
                                                         temperature)
     return Measured(float(residual.abs().mean()))
+
+
+# --------------------------------------------------------------------------- #
+# Per-layer tables and the calibrated scale                                   #
+# --------------------------------------------------------------------------- #
+
+def measure_layers(model, x: torch.Tensor, y: torch.Tensor, signals, *, eps: float = 1e-3,
+                   n_directions: int = 32, eta: float = 0.01, seed: int = 0):
+    r"""Credit metrics of per-sample signals at every stream state of a residual model.
+
+    Parameters
+    ----------
+    model
+        A residual model (:mod:`mbe_helpers.stream` contract), evaluated as is.
+    x, y : Tensor
+        Evaluation batch.
+    signals : sequence of Tensor or None
+        ``signals[l]`` is the per-sample credit signal for state :math:`h_l`
+        (shape of :math:`h_l`), or None to skip that state.  The true
+        per-sample gradient is ``N * dL/dh_l`` of the batch-mean loss (see
+        :func:`bp_signals`).
+
+    Returns
+    -------
+    DataFrame
+        One row per measured state: ``layer, rho, bp_cosine, nudge, reason``.
+    """
+    import pandas as pd
+
+    from mbe_helpers import stream
+
+    hidden, grads, _ = stream.stream_gradients(model, x, y)
+    if len(signals) != len(hidden):
+        raise MBEInputError(f"got {len(signals)} signals for {len(hidden)} stream states "
+                            f"(h_0..h_{len(hidden) - 1}); give one per state, None to skip")
+    rows = []
+    for layer, a in enumerate(signals):
+        if a is None:
+            continue
+        loss_fn = stream.tail_loss(model, layer, y)
+        values = {"rho": perturbation_correlation(hidden[layer], a, loss_fn, eps=eps,
+                                                  n_directions=n_directions, seed=seed + layer),
+                  "bp_cosine": bp_cosine(a, grads[layer]),
+                  "nudge": nudging_test(hidden[layer], a, loss_fn, eta=eta)}
+        reasons = "; ".join(sorted({v.reason for v in values.values() if v.reason}))
+        rows.append({"layer": layer, **{k: float(v) for k, v in values.items()}, "reason": reasons})
+    return pd.DataFrame(rows)
+
+
+def bp_signals(model, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    r"""Per-sample true gradients :math:`\partial \ell_i / \partial h_{l,i}` at every state (the positive control)."""
+    from mbe_helpers import stream
+
+    _, grads, _ = stream.stream_gradients(model, x, y)
+    return [g * len(x) for g in grads]
+
+
+def random_signals(model, x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """Independent standard-normal signals shaped like every state (the negative control)."""
+    from mbe_helpers import stream
+
+    with torch.no_grad():
+        hidden, _ = stream.forward_stream(model, x)
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(h.shape, generator=generator, dtype=h.dtype) for h in hidden]
+
+
+def calibrated_scale(table, *, value: str = "rho", condition: str = "condition",
+                     positive: str = "positive", negative: str = "negative",
+                     by: tuple[str, ...] = ("layer",), min_ceiling: float = 0.1):
+    r"""Place each condition on the scale anchored by the positive and negative controls.
+
+    For every group in ``by`` (e.g. layer), with :math:`\bar v_c` the mean of
+    ``value`` over the rows (seeds) of condition c, :math:`\bar v_+`,
+    :math:`\bar v_-` those of the controls and :math:`s_-` the standard
+    deviation of the negative control over its rows:
+
+    * ``fraction_of_ceiling`` :math:`= \bar v_c / \bar v_+`, NaN (with a
+      reason) when the ceiling :math:`\bar v_+ < ` ``min_ceiling``: a
+      positive control that failed cannot anchor anything, and the ratio
+      never divides by a value that can be zero or negative;
+    * ``noise_units`` :math:`= (\bar v_c - \bar v_-) / s_-`, NaN when the
+      negative control has fewer than two rows or no spread.
+
+    Returns one row per (group, condition) with ``mean, sd, n`` as well.
+    """
+    import numpy as np
+    import pandas as pd
+
+    missing = [c for c in (value, condition, *by) if c not in table.columns]
+    if missing:
+        raise MBEInputError(f"unknown column(s) {', '.join(missing)}; available: "
+                            f"{', '.join(map(str, table.columns))}")
+    present = set(table[condition])
+    for control in (positive, negative):
+        if control not in present:
+            raise MBEInputError(f"control {control!r} is not among the conditions "
+                                f"({', '.join(map(str, sorted(present)))})")
+    stats = (table.groupby([*by, condition])[value].agg(["mean", "std", "count"])
+             .rename(columns={"std": "sd", "count": "n"}).reset_index())
+    rows = []
+    for key, group in stats.groupby(list(by)):
+        pos = group.loc[group[condition] == positive].iloc[0] if positive in set(group[condition]) else None
+        neg = group.loc[group[condition] == negative].iloc[0] if negative in set(group[condition]) else None
+        for _, row in group.iterrows():
+            out, reasons = row.to_dict(), []
+            if pos is None or not pos["mean"] >= min_ceiling:
+                out["fraction_of_ceiling"] = np.nan
+                reasons.append(f"positive-control ceiling below {min_ceiling}")
+            else:
+                out["fraction_of_ceiling"] = row["mean"] / pos["mean"]
+            if neg is None or not (neg["n"] >= 2 and neg["sd"] > 0):
+                out["noise_units"] = np.nan
+                reasons.append("negative control has no spread to measure against")
+            else:
+                out["noise_units"] = (row["mean"] - neg["mean"]) / neg["sd"]
+            out["reason"] = "; ".join(reasons)
+            rows.append(out)
+    return pd.DataFrame(rows)

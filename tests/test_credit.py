@@ -187,3 +187,41 @@ def test_contract_names_what_is_missing():
 def test_output_error():
     logits = torch.tensor([[0.0, 0.0]])
     assert torch.allclose(stream.output_error(logits, torch.tensor([1])), torch.tensor([[0.5, -0.5]]))
+
+
+# ----------------------------------------------------------------- tables and the calibrated scale
+
+def test_measure_layers_controls_land_where_they_must():
+    torch.manual_seed(2)
+    model = ResidualMLP(16, 12, 4, 2).double()
+    x, y = torch.randn(64, 16, dtype=torch.float64), torch.randint(0, 4, (64,))
+    pos = credit.measure_layers(model, x, y, credit.bp_signals(model, x, y), eps=1e-4)
+    neg = credit.measure_layers(model, x, y, credit.random_signals(model, x, seed=1), eps=1e-4)
+    assert list(pos.layer) == [0, 1, 2]
+    assert (pos.rho > 0.999).all() and (pos.bp_cosine > 0.9999).all() and (pos.nudge < 0).all()
+    assert (neg.rho.abs() < 0.1).all() and (neg.bp_cosine.abs() < 0.2).all()
+    skip = credit.measure_layers(model, x, y, [None, torch.zeros(64, 12, dtype=torch.float64), None])
+    assert list(skip.layer) == [1] and math.isnan(skip.rho[0]) and "zero" in skip.reason[0]
+    with pytest.raises(MBEInputError, match="got 1 signals for 3 stream states"):
+        credit.measure_layers(model, x, y, [None])
+
+
+def test_calibrated_scale_hand_computed():
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "layer": [1] * 6 + [2] * 4,
+        "condition": ["positive", "positive", "negative", "negative", "dfa", "dfa",
+                      "positive", "negative", "negative", "dfa"],
+        "rho": [0.9, 1.1, -0.01, 0.03, 0.2, 0.3, 0.05, 0.0, 0.0, 0.1],
+    })
+    out = credit.calibrated_scale(table).set_index(["layer", "condition"])
+    assert out.loc[(1, "dfa"), "fraction_of_ceiling"] == pytest.approx(0.25)
+    sd = pd.Series([-0.01, 0.03]).std()
+    assert out.loc[(1, "dfa"), "noise_units"] == pytest.approx((0.25 - 0.01) / sd)
+    # layer 2: the positive control failed and the negative one has no spread: NaN, with reasons
+    assert math.isnan(out.loc[(2, "dfa"), "fraction_of_ceiling"])
+    assert math.isnan(out.loc[(2, "dfa"), "noise_units"])
+    assert "ceiling" in out.loc[(2, "dfa"), "reason"] and "spread" in out.loc[(2, "dfa"), "reason"]
+    with pytest.raises(MBEInputError, match="control 'bp' is not among the conditions"):
+        credit.calibrated_scale(table, positive="bp")
