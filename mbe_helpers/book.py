@@ -1,0 +1,520 @@
+"""The book machinery: chapter registry, profiles, headless runs, site build.
+
+A *chapter* is a notebook ``book/NN_name.ipynb`` (``NN`` two digits). Its
+first code cell is tagged ``parameters``; every assignment in that cell is a
+parameter, its literal value is the default and its trailing comment the
+one-line description. ``book/profiles.yml`` holds, per chapter, the overrides
+of the three profiles::
+
+    00_method:
+      smoke: {n: 400, n_bootstrap: 200}
+      default: {}           # the notebook defaults
+      paper: {n: 2000}
+
+Nothing here is specific to a chapter: a new notebook in ``book/`` (and,
+optionally, its entry in ``profiles.yml``) is all a chapter needs.
+
+Running a chapter executes it with papermill and the ``python3`` kernel, in
+the ``book/`` folder, writing ``_build/executed/<profile>/<chapter>.ipynb``;
+the runner injects ``results_dir = results/<profile>/<chapter>`` (absolute).
+Building the book runs every chapter, stages the executed notebooks next to
+``_config.yml``, ``_toc.yml`` and the pages in ``_build/stage/`` with
+execution switched off, and calls ``jupyter-book build`` (1.x) so that the
+site lands in ``_build/html/``. This module knows nothing of statistics.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tokenize
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mbe_helpers.errors import MBEInputError
+
+PROFILES = ("smoke", "default", "paper")
+KERNEL = "python3"
+#: Quiet the kernel process log (TCP warning, interrupt at shutdown); cell errors still surface.
+KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+CHAPTER_RE = re.compile(r"^(\d\d)_(\w+)$")
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class ChapterError(RuntimeError):
+    """A chapter raised while executing; the message names the chapter and the cell error."""
+
+
+class BuildError(RuntimeError):
+    """jupyter-book refused the staged book; the message quotes the first problem."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One knob of a chapter, read from its ``parameters`` cell."""
+
+    name: str
+    default: Any
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """A notebook of the book with its parameters and profile overrides.
+
+    Attributes
+    ----------
+    stem : str
+        File stem, e.g. ``"00_method"``; names the executed notebook and the
+        results folder.
+    path : Path
+        The source notebook.
+    parameters : dict of str to Parameter
+        In the order of the ``parameters`` cell.
+    profiles : dict of str to dict
+        Overrides per profile (``smoke``, ``default``, ``paper``).
+    """
+
+    stem: str
+    path: Path
+    parameters: dict[str, Parameter] = field(default_factory=dict)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """Short name without the number prefix, e.g. ``"method"``."""
+        return self.stem.split("_", 1)[1]
+
+    def defaults(self) -> dict[str, Any]:
+        """Notebook defaults of every parameter."""
+        return {p.name: p.default for p in self.parameters.values()}
+
+
+# --------------------------------------------------------------------- roots
+def is_book_root(path: Path) -> bool:
+    """True when ``path`` holds ``_toc.yml`` and a ``book/`` folder."""
+    return (path / "_toc.yml").is_file() and (path / "book").is_dir()
+
+
+def find_root(start: str | Path | None = None) -> Path:
+    """Find the repository root: the nearest folder upward holding ``_toc.yml`` and ``book/``.
+
+    Falls back to the folder above the installed package (editable install).
+
+    Raises
+    ------
+    MBEInputError
+        When no such folder exists.
+    """
+    start = Path(start or Path.cwd()).resolve()
+    for candidate in (start, *start.parents):
+        if is_book_root(candidate):
+            return candidate
+    package_parent = Path(__file__).resolve().parents[1]
+    if is_book_root(package_parent):
+        return package_parent
+    raise MBEInputError(
+        f"no book found above {start}: run inside the repository "
+        "(a folder with _toc.yml and book/) or pass --root."
+    )
+
+
+def resolve_results_dir(results_dir: str | Path) -> Path:
+    """Return the chapter's artifact folder, created if missing.
+
+    Relative paths are taken from the repository root (found upward from the
+    current directory, which is ``book/`` for a kernel started by JupyterLab
+    or the runner) and from the current directory when there is no root.
+    """
+    path = Path(results_dir)
+    if not path.is_absolute():
+        try:
+            path = find_root() / path
+        except MBEInputError:
+            path = Path.cwd() / path
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------- parameters
+def _comments_by_line(source: str) -> dict[int, str]:
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+
+
+def parse_parameters_cell(source: str) -> dict[str, Parameter]:
+    """Parse the assignments of a ``parameters`` cell.
+
+    Each ``name = literal  # comment`` line gives one :class:`Parameter`; a
+    comment on the line above is used when the line has none. A value that is
+    not a Python literal is kept as its source text.
+    """
+    tree = ast.parse(source)
+    comments = _comments_by_line(source)
+    params: dict[str, Parameter] = {}
+    for node in tree.body:
+        target = _single_target(node)
+        if target is None:
+            continue
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            value = ast.get_source_segment(source, node.value)
+        comment = comments.get(node.end_lineno) or comments.get(node.lineno - 1, "")
+        params[target] = Parameter(target, value, comment)
+    return params
+
+
+def _single_target(node: ast.stmt) -> str | None:
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target = node.targets[0]
+    elif isinstance(node, ast.AnnAssign) and node.value is not None:
+        target = node.target
+    else:
+        return None
+    return target.id if isinstance(target, ast.Name) else None
+
+
+def read_parameters(notebook: str | Path) -> dict[str, Parameter]:
+    """Parameters of a notebook (empty when it has no ``parameters`` cell)."""
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
+    for cell in nb.get("cells", []):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.get("cell_type") == "code" and "parameters" in tags:
+            source = cell["source"]
+            return parse_parameters_cell("".join(source) if isinstance(source, list) else source)
+    return {}
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as YAML (``200`` -> int, ``[1, 2]`` -> list, ``on`` -> str).
+
+    Text that is not valid YAML stays a string.
+    """
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if value is None and text.strip() not in ("null", "~", "None") else value
+
+
+def check_value(chapter: Chapter, name: str, value: Any) -> None:
+    """Refuse a value whose type does not fit the parameter's default.
+
+    ints are accepted for floats; a default of ``None`` accepts anything.
+    """
+    default = chapter.parameters[name].default
+    if default is None or value is None:
+        return
+    expected = type(default)
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise MBEInputError(
+            f"parameter {name!r} of chapter {chapter.stem} expects {expected.__name__} "
+            f"(default {default!r}), got {value!r}."
+        )
+
+
+def check_profile(profile: str) -> None:
+    """Refuse an unknown profile name in one sentence."""
+    if profile not in PROFILES:
+        raise MBEInputError(f"unknown profile {profile!r}; known profiles: {', '.join(PROFILES)}.")
+
+
+def check_names(chapter: Chapter, names: Iterable[str], where: str = "") -> None:
+    """Refuse parameter names the chapter does not declare, listing the known ones."""
+    for name in names:
+        if name not in chapter.parameters:
+            known = ", ".join(chapter.parameters) or "none"
+            raise MBEInputError(
+                f"unknown parameter {name!r}{where} for chapter {chapter.stem}; "
+                f"known parameters: {known}."
+            )
+
+
+def resolve_parameters(chapter: Chapter, profile: str = "default",
+                       overrides: Mapping[str, Any] | None = None,
+                       results_dir: str | Path | None = None) -> dict[str, Any]:
+    """Parameters to inject: profile overrides, then ``overrides``, then ``results_dir``.
+
+    ``results_dir`` is only injected when the chapter declares it and the
+    caller did not override it.
+    """
+    check_profile(profile)
+    overrides = dict(overrides or {})
+    check_names(chapter, overrides)
+    params = {**chapter.profiles.get(profile, {}), **overrides}
+    for name, value in params.items():
+        check_value(chapter, name, value)
+    if results_dir is not None and "results_dir" in chapter.parameters:
+        params.setdefault("results_dir", str(results_dir))
+    return params
+
+
+# ------------------------------------------------------------------ registry
+def load_profiles(root: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Read ``book/profiles.yml``: chapter -> profile -> overrides (empty when absent)."""
+    path = Path(root) / "book" / "profiles.yml"
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    entries = data.values() if isinstance(data, dict) else [None]
+    overrides = [o for v in entries if isinstance(v, dict) for o in v.values()]
+    if not isinstance(data, dict) or not all(isinstance(v, dict | None) for v in entries) \
+            or not all(isinstance(o, dict | None) for o in overrides):
+        raise MBEInputError(f"{path} must map chapter -> profile -> {{parameter: value}}.")
+    return {str(k): {str(p): dict(o or {}) for p, o in (v or {}).items()} for k, v in data.items()}
+
+
+def discover_chapters(root: str | Path | None = None) -> list[Chapter]:
+    """All chapters ``book/NN_*.ipynb`` of the book at ``root``, in file order.
+
+    Profile entries are checked: an unknown chapter, profile or parameter in
+    ``profiles.yml`` is refused in one sentence.
+    """
+    root = Path(root) if root is not None else find_root()
+    if not is_book_root(root):
+        raise MBEInputError(f"{root} is not the root of a book (it needs _toc.yml and book/).")
+    paths = sorted(p for p in (root / "book").glob("*.ipynb") if CHAPTER_RE.match(p.stem))
+    profiles = load_profiles(root)
+    chapters = []
+    for path in paths:
+        entry = profiles.pop(path.stem, None) or profiles.pop(path.stem.split("_", 1)[1], {})
+        chapter = Chapter(path.stem, path, read_parameters(path), entry)
+        for profile, overrides in entry.items():
+            check_profile(profile)
+            check_names(chapter, overrides, where=f" in profiles.yml ({profile})")
+        chapters.append(chapter)
+    if profiles:
+        raise MBEInputError(
+            f"profiles.yml names chapter {next(iter(profiles))!r}, which is not in book/; "
+            f"chapters: {', '.join(c.stem for c in chapters) or 'none'}."
+        )
+    return chapters
+
+
+def get_chapter(name: str, root: str | Path | None = None) -> Chapter:
+    """Look a chapter up by stem (``00_method``), short name (``method``) or file name."""
+    key = Path(name).name.removesuffix(".ipynb")
+    chapters = discover_chapters(root)
+    for chapter in chapters:
+        if key in (chapter.stem, chapter.name):
+            return chapter
+    known = ", ".join(c.stem for c in chapters) or "none"
+    raise MBEInputError(f"unknown chapter {name!r}; known chapters: {known}.")
+
+
+# ----------------------------------------------------------------- execution
+def executed_path(root: str | Path, profile: str, chapter: Chapter) -> Path:
+    """Where the executed notebook of ``chapter`` goes: ``_build/executed/<profile>/<stem>.ipynb``."""
+    return Path(root) / "_build" / "executed" / profile / f"{chapter.stem}.ipynb"
+
+
+def results_path(root: str | Path, profile: str, chapter: Chapter) -> Path:
+    """Artifact folder of ``chapter``: ``results/<profile>/<stem>``."""
+    return Path(root) / "results" / profile / chapter.stem
+
+
+def execute_chapter(chapter: Chapter, profile: str = "default",
+                    overrides: Mapping[str, Any] | None = None, *,
+                    root: str | Path | None = None, output: str | Path | None = None,
+                    results_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Execute one chapter headless with papermill and return the executed notebook.
+
+    Parameters
+    ----------
+    chapter : Chapter
+    profile : {"smoke", "default", "paper"}
+    overrides : mapping, optional
+        Parameter values on top of the profile.
+    root : path, optional
+        Repository root (default: found from the current directory).
+    output, results_dir : path, optional
+        Defaults :func:`executed_path` and :func:`results_path`.
+    progress : bool
+        Show a tqdm bar (one tick per cell) labelled with the chapter.
+
+    Raises
+    ------
+    ChapterError
+        When a cell raises; the partly executed notebook is kept.
+    """
+    root = Path(root) if root is not None else find_root()
+    output = Path(output) if output else executed_path(root, profile, chapter)
+    results = Path(results_dir) if results_dir else results_path(root, profile, chapter)
+    params = resolve_parameters(chapter, profile, overrides, results.resolve())
+    output.parent.mkdir(parents=True, exist_ok=True)
+    import papermill as pm  # heavy; only for runs
+
+    bar = {"desc": chapter.stem, "leave": True} if progress else False
+    try:
+        pm.execute_notebook(chapter.path, output, parameters=params, kernel_name=KERNEL,
+                            cwd=str(chapter.path.parent), progress_bar=bar, log_output=False,
+                            extra_arguments=KERNEL_ARGS)
+    except pm.PapermillExecutionError as exc:
+        raise ChapterError(
+            f"chapter {chapter.stem} failed in cell [{exc.exec_count}] with "
+            f"{exc.ename}: {_first_line(exc.evalue).rstrip('.')} (executed notebook kept at {output})."
+        ) from None
+    except Exception as exc:  # kernel missing, bad notebook, ...
+        raise ChapterError(
+            f"chapter {chapter.stem} could not run: {type(exc).__name__}: {_first_line(str(exc))}."
+        ) from exc
+    return output
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def run_chapters(chapters: Sequence[Chapter], profile: str = "default", *,
+                 root: str | Path | None = None, progress: bool = True) -> list[Path]:
+    """Execute chapters in order; the first failure stops the run (earlier outputs stay)."""
+    return [execute_chapter(ch, profile, root=root, progress=progress) for ch in chapters]
+
+
+def notebook_errors(notebook: str | Path) -> list[str]:
+    """Error outputs of an executed notebook, skipping cells tagged ``raises-exception``."""
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
+    found = []
+    for cell in nb.get("cells", []):
+        if "raises-exception" in cell.get("metadata", {}).get("tags", []):
+            continue
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                found.append(f"{out.get('ename')}: {_first_line(out.get('evalue', ''))}")
+    return found
+
+
+# ------------------------------------------------------------------- staging
+def _toc_files(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        own = {str(node["file"])} if "file" in node else set()
+        return own.union(*(_toc_files(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_toc_files(v) for v in node))
+    return set()
+
+
+def add_missing_chapters(toc: dict, files: Sequence[str]) -> dict:
+    """Append chapter files absent from ``toc`` to its first part (or its chapters)."""
+    present = {f.removesuffix(".ipynb") for f in _toc_files(toc)}
+    missing = [f for f in files if f not in present]
+    if missing:
+        parts = toc.get("parts")
+        target = parts[0].setdefault("chapters", []) if parts else toc.setdefault("chapters", [])
+        target.extend({"file": f} for f in missing)
+    return toc
+
+
+def stage_book(root: str | Path, notebooks: Sequence[str | Path],
+               stage_dir: str | Path | None = None) -> Path:
+    """Copy config, toc, pages and executed notebooks into a fresh stage folder.
+
+    The staged ``_config.yml`` has ``execute_notebooks: "off"``, so jupyter-book
+    renders the papermill outputs instead of re-executing. Executed notebooks
+    holding an error output are refused.
+
+    Returns
+    -------
+    Path
+        The stage folder (default ``<root>/_build/stage``).
+    """
+    root = Path(root)
+    stage = Path(stage_dir) if stage_dir else root / "_build" / "stage"
+    for nb in notebooks:
+        if errors := notebook_errors(nb):
+            raise ChapterError(f"executed notebook {Path(nb).name} holds an error output ({errors[0]}).")
+    if stage.exists():
+        shutil.rmtree(stage)
+    shutil.copytree(root / "book", stage / "book",
+                    ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
+    for nb in notebooks:
+        shutil.copyfile(nb, stage / "book" / Path(nb).name)
+    config = yaml.safe_load((root / "_config.yml").read_text(encoding="utf-8")) or {}
+    config.setdefault("execute", {})["execute_notebooks"] = "off"
+    (stage / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
+    toc = add_missing_chapters(toc, [f"book/{Path(nb).stem}" for nb in notebooks])
+    (stage / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False), encoding="utf-8")
+    return stage
+
+
+# --------------------------------------------------------------------- build
+def jupyter_book_command() -> list[str]:
+    """The ``jupyter-book`` executable next to this Python, else the one on PATH."""
+    local = Path(sys.executable).with_name("jupyter-book")
+    found = str(local) if local.exists() else shutil.which("jupyter-book")
+    if not found:
+        raise BuildError("jupyter-book is not installed: pip install -e '.[book]'.")
+    return [found]
+
+
+def build_site(stage_dir: str | Path, out_root: str | Path, *, strict: bool = True) -> Path:
+    """Run ``jupyter-book build`` on a staged book; the site goes to ``<out_root>/_build/html``.
+
+    With ``strict`` every Sphinx warning (a missing glue key, an unknown
+    citation, a broken reference) fails the build, reported in one sentence;
+    the full log is kept in ``<out_root>/_build/jupyter-book.log``.
+
+    Returns
+    -------
+    Path
+        ``<out_root>/_build/html/index.html``.
+    """
+    out_root = Path(out_root)
+    cmd = [*jupyter_book_command(), "build", str(stage_dir), "--path-output", str(out_root),
+           "--builder", "html", "--all"]
+    if strict:
+        cmd += ["--warningiserror", "--keep-going"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    log = out_root / "_build" / "jupyter-book.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    index = out_root / "_build" / "html" / "index.html"
+    if proc.returncode or not index.is_file():
+        raise BuildError(f"jupyter-book build failed: {_first_problem(proc.stdout + proc.stderr)} "
+                         f"(full log: {log}).")
+    return index
+
+
+def _first_problem(log: str) -> str:
+    lines = [ln.strip() for ln in ANSI_RE.sub("", log).splitlines()]
+    hits = [ln for ln in lines if re.search(r"WARNING|ERROR|Error|Exception", ln)]
+    return (hits or [ln for ln in lines if ln] or ["no output"])[0]
+
+
+def build_book(root: str | Path | None = None, profile: str = "default", *,
+               progress: bool = True, strict: bool = True) -> Path:
+    """Run every chapter with ``profile``, stage them and build the site.
+
+    Returns
+    -------
+    Path
+        ``<root>/_build/html/index.html``.
+
+    Raises
+    ------
+    ChapterError
+        The first chapter that raised; chapters executed before it are kept.
+    BuildError
+        jupyter-book failed.
+    """
+    root = Path(root) if root is not None else find_root()
+    check_profile(profile)
+    chapters = discover_chapters(root)
+    notebooks = run_chapters(chapters, profile, root=root, progress=progress)
+    stage = stage_book(root, notebooks)
+    return build_site(stage, root, strict=strict)

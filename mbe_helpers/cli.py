@@ -1,0 +1,196 @@
+"""The ``mbe-book`` command: list, run and build chapters; audit a CSV of runs.
+
+Examples
+--------
+::
+
+    mbe-book list
+    mbe-book run method -p n 200 -p seed 3 --profile smoke
+    mbe-book build --profile default
+    mbe-book audit runs.csv --metrics fim,sci --target acc --controls lr,wd,arch \\
+        --bootstrap 1000 --out report.md --out report.csv
+
+Bad input (an unknown chapter, parameter, column or file) is reported in one
+sentence on stderr with exit status 2; a chapter or site build that fails
+exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mbe_helpers import book
+from mbe_helpers.errors import MBEInputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mbe-book: error: {message} (see {self.prog} --help).\n")
+
+
+def _csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mbe-book`` with its four subcommands."""
+    parser = _Parser(prog="mbe-book", description="Run, list and build the MBE book; audit a CSV of runs.")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="repository root (default: found upward from the current folder)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="show chapters, their parameters, defaults and profile overrides")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="execute one chapter headless (papermill)")
+    p.add_argument("chapter", help="chapter stem or short name, e.g. 00_method or method")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="override a parameter; VALUE is parsed as YAML (repeatable)")
+    p.add_argument("--profile", default="default", help="smoke, default or paper (default: default)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("build", help="run every chapter, then build the site into _build/html")
+    p.add_argument("--profile", default="default", help="smoke, default or paper (default: default)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("audit", help="audit metrics in a CSV of runs (one row per trained model)")
+    p.add_argument("csv", type=Path, help="the runs, one row per trained model")
+    p.add_argument("--metrics", type=_csv_list, required=True, help="comma-separated metric columns")
+    p.add_argument("--target", required=True, help="target column, e.g. final test accuracy")
+    p.add_argument("--controls", type=_csv_list, default=[], help="comma-separated control columns")
+    p.add_argument("--groupby", default=None, help="audit separately within each value of this column")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for CIs (0: none)")
+    p.add_argument("--permutations", type=int, default=0, help="permutations for the partial p (0: none)")
+    p.add_argument("--cluster", default=None, help="resample whole groups of this column in the bootstrap")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--effect", type=float, default=0.20, help="|rho| that counts as an effect")
+    p.add_argument("--washout", type=float, default=0.10, help="|partial rho| below which a metric washes out")
+    p.add_argument("--out", type=Path, action="append", default=[],
+                   help="write the report: .md (markdown) or .csv (table); repeatable")
+    p.set_defaults(func=cmd_audit)
+    return parser
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 140))
+
+
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    return "" if value is _MISSING else repr(value)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print a table of chapters with parameters, defaults, overrides and comments."""
+    from rich.table import Table
+
+    chapters = book.discover_chapters(args.root)
+    table = Table(title="Chapters of the MBE book (profile columns show overrides of the default)")
+    for column in ("chapter", "parameter", "default", *(p for p in book.PROFILES if p != "default"),
+                   "meaning"):
+        table.add_column(column, overflow="fold")
+    for chapter in chapters:
+        params = list(chapter.parameters.values()) or [None]
+        for i, param in enumerate(params):
+            label = f"{chapter.stem} ({chapter.name})" if i == 0 else ""
+            if param is None:
+                table.add_row(label, "-", "", "", "", "no parameters cell")
+                continue
+            over = {p: chapter.profiles.get(p, {}).get(param.name, _MISSING) for p in book.PROFILES}
+            default = param.default if over["default"] is _MISSING else over["default"]
+            table.add_row(label, param.name, repr(default), _show(over["smoke"]), _show(over["paper"]),
+                          param.comment)
+        table.add_section()
+    _console().print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Execute one chapter and say where the notebook and artifacts went."""
+    root = args.root or book.find_root()
+    chapter = book.get_chapter(args.chapter, root)
+    book.check_profile(args.profile)
+    overrides = {name: book.parse_value(value) for name, value in args.parameter}
+    out = book.execute_chapter(chapter, args.profile, overrides, root=root, progress=not args.no_progress)
+    print(f"executed {chapter.stem} ({args.profile}): {out}")
+    results = overrides.get("results_dir", book.results_path(root, args.profile, chapter))
+    print(f"artifacts: {results}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Run every chapter, then build the site."""
+    index = book.build_book(args.root, args.profile, progress=not args.no_progress)
+    print(f"site built: {index}")
+    return 0
+
+
+def read_runs(path: Path) -> Any:
+    """Read a CSV of runs, refusing a missing or unreadable file in one sentence."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise MBEInputError(f"no such file: {path}.")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise MBEInputError(f"could not read {path} as CSV: {book._first_line(str(exc))}.") from None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Audit metrics of a CSV, print the table and write the requested reports."""
+    from mbe_helpers.audit import audit
+
+    bad = [p for p in args.out if p.suffix.lower() not in (".md", ".csv")]
+    if bad:
+        raise MBEInputError(f"--out must end in .md or .csv, got {bad[0]}.")
+    runs = read_runs(args.csv)
+    result = audit(runs, args.metrics, args.target, args.controls, groupby=args.groupby,
+                   bootstrap=args.bootstrap, permutations=args.permutations, cluster=args.cluster,
+                   seed=args.seed, effect=args.effect, washout=args.washout)
+    result.show(console=_console())
+    for path in args.out:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".md":
+            path.write_text(result.to_markdown(), encoding="utf-8")
+        else:
+            result.to_frame().to_csv(path, index=False)
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mbe-book`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (MBEInputError, FileNotFoundError) as exc:
+        return _fail(exc, 2)
+    except (book.ChapterError, book.BuildError) as exc:
+        return _fail(exc, 1)
+
+
+def _fail(exc: BaseException, status: int) -> int:
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        message = f"no such file: {exc.filename}."
+    else:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"mbe-book: error: {message}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

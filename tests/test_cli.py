@@ -1,0 +1,151 @@
+"""The ``mbe-book`` command line: list, run, audit, and its one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mbe_helpers.cli import main
+from mbe_helpers.simulate import simulate_method_cases
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def copy_book(tmp_path: Path) -> Path:
+    """A private copy of the book so runs do not touch the user's _build/ and results/."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    return root
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mbe-book: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("runs") / "runs.csv"
+    simulate_method_cases(n=300, seed=1).to_csv(path, index=False)
+    return path
+
+
+# ---------------------------------------------------------------------- list
+def test_list_shows_parameters_defaults_comments_and_profiles(capsys) -> None:
+    assert main(["--root", str(REPO), "list"]) == 0
+    out = capsys.readouterr().out
+    for text in ("00_method (method)", "n_bootstrap", "1000", "simulated training runs", "smoke", "paper"):
+        assert text in out
+    row = next(line for line in out.splitlines() if " n_bootstrap " in line)
+    assert "200" in row and "2000" in row  # smoke and paper overrides
+
+
+# ----------------------------------------------------------------- run errors
+@pytest.mark.parametrize(("args", "expected"), [
+    (["run", "nope"], "unknown chapter 'nope'; known chapters: 00_method"),
+    (["run", "method", "-p", "epochs", "3"], "unknown parameter 'epochs' for chapter 00_method; "
+                                             "known parameters: n, metric_noise"),
+    (["run", "method", "--profile", "fast"], "unknown profile 'fast'; known profiles: smoke, default, paper."),
+    (["run", "method", "-p", "n", "many"], "parameter 'n' of chapter 00_method expects int"),
+])
+def test_run_refuses_bad_names_in_one_sentence(capsys, args: list[str], expected: str) -> None:
+    assert main(["--root", str(REPO), *args]) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
+
+
+def test_usage_error_is_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run"])
+    assert info.value.code == 2
+    assert "the following arguments are required: chapter" in one_error_line(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------- audit
+def test_audit_prints_table_and_writes_reports(capsys, runs_csv: Path, tmp_path: Path) -> None:
+    md, csv = tmp_path / "report.md", tmp_path / "out" / "report.csv"
+    status = main(["audit", str(runs_csv), "--metrics", "loss_proxy,independent_signal",
+                   "--target", "final_acc", "--controls", "early_loss,arch", "--bootstrap", "200",
+                   "--out", str(md), "--out", str(csv)])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "loss_proxy" in out and "washout" in out and "survives" in out
+    assert "| loss_proxy" in md.read_text()
+    table = pd.read_csv(csv)
+    assert list(table.metric) == ["loss_proxy", "independent_signal"]
+    assert {"raw_lo", "partial_hi", "classification"} <= set(table.columns)
+
+
+def test_audit_groupby_and_permutations(capsys, runs_csv: Path) -> None:
+    status = main(["audit", str(runs_csv), "--metrics", "simpson_metric", "--target", "final_acc",
+                   "--controls", "early_loss,arch", "--groupby", "arch", "--permutations", "200",
+                   "--seed", "3"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "arch=mlp" in out and "perm_p" in out
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--metrics", "nosuch", "--target", "final_acc"], "nosuch"),
+    (["--metrics", "loss_proxy", "--target", "final_acc", "--out", "r.txt"], "--out must end in .md or .csv"),
+])
+def test_audit_bad_input_exits_2_with_one_line(capsys, runs_csv: Path, args, expected) -> None:
+    assert main(["audit", str(runs_csv), *args]) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
+
+
+def test_audit_missing_file_from_the_console_script(tmp_path: Path) -> None:
+    proc = subprocess.run([BIN / "mbe-book", "audit", str(tmp_path / "none.csv"), "--metrics", "a",
+                           "--target", "b"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert one_error_line(proc.stderr) == f"mbe-book: error: no such file: {tmp_path / 'none.csv'}."
+
+
+def test_audit_unreadable_csv(capsys, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert main(["audit", str(empty), "--metrics", "a", "--target", "b"]) == 2
+    assert "could not read" in one_error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------- running chapters
+def executed_cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+@pytest.mark.slow
+def test_mbe_book_run_smoke_writes_notebook_and_results(tmp_path: Path) -> None:
+    root = copy_book(tmp_path)
+    proc = subprocess.run([BIN / "mbe-book", "--root", str(root), "run", "00_method", "--profile", "smoke",
+                           "-p", "seed", "0"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    executed = root / "_build" / "executed" / "smoke" / "00_method.ipynb"
+    assert str(executed) in proc.stdout
+    injected = next(c for c in executed_cells(executed) if "injected-parameters" in c["metadata"].get("tags", []))
+    source = "".join(injected["source"])
+    assert "n = 400" in source and "n_bootstrap = 200" in source and "seed = 0" in source
+    results = root / "results" / "smoke" / "00_method"
+    assert {"audit.csv", "verdict.csv", "runs.csv", "loss_proxy.png"} <= {p.name for p in results.iterdir()}
+    assert "00_method: 100%" in proc.stderr  # the progress bar
+
+
+@pytest.mark.slow
+def test_plain_papermill_runs_a_chapter(tmp_path: Path) -> None:
+    out, results = tmp_path / "out.ipynb", tmp_path / "results"
+    proc = subprocess.run([BIN / "papermill", "book/00_method.ipynb", str(out), "-p", "seed", "3",
+                           "-p", "n", "300", "-p", "n_bootstrap", "100", "-p", "results_dir", str(results),
+                           "--no-progress-bar"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.is_file()
+    assert pd.read_csv(results / "audit.csv").n.eq(300).all()
