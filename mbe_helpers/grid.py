@@ -1,0 +1,527 @@
+"""Sampling configurations, running them on any executor, and the resumable run ledger.
+
+``sample_configs(space, n, seed)`` draws a grid; ``run_grid(configs, run_fn,
+ledger_path)`` runs every config not yet in the ledger and returns one row
+per config.  ``run_fn(config: dict) -> dict`` is any importable (picklable)
+function returning one flat record, e.g. :data:`mbe_helpers.train.train_run`.
+
+The ledger is a JSON-lines file, one object per finished run, keyed by
+``config_hash``.  JSON lines rather than CSV because (1) a record is appended
+as one ``write`` + ``fsync`` of a whole line, and a line torn by a kill can
+never parse as JSON, whereas a torn CSV row can parse as a valid row with a
+truncated number; (2) rows may have different keys (failed runs, new probes,
+a changed config space) without rewriting a header; (3) types and error
+texts round-trip exactly.  Use ``read_ledger(path).to_csv(...)`` for a CSV copy.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mbe_helpers.errors import MBEInputError
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[[dict], dict]
+FINISHED = ("ok", "diverged")
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class LogUniform:
+    """``exp(U(log low, log high))``; rounded to int when ``integer``."""
+
+    low: float
+    high: float
+    integer: bool = False
+
+    def sample(self, rng: np.random.Generator, n: int) -> list:
+        if not 0 < self.low <= self.high:
+            raise MBEInputError(f"log-uniform bounds must satisfy 0 < low <= high, got "
+                                f"{self.low}, {self.high}")
+        values = np.exp(rng.uniform(np.log(self.low), np.log(self.high), size=n))
+        return _maybe_int(np.clip(values, self.low, self.high), self.integer)
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """``U(low, high)``; integers in ``[low, high]`` (inclusive) when ``integer``."""
+
+    low: float
+    high: float
+    integer: bool = False
+
+    def sample(self, rng: np.random.Generator, n: int) -> list:
+        if not self.low <= self.high:
+            raise MBEInputError(f"uniform bounds must satisfy low <= high, got "
+                                f"{self.low}, {self.high}")
+        if self.integer:
+            return [int(v) for v in rng.integers(int(self.low), int(self.high) + 1, size=n)]
+        return [float(v) for v in rng.uniform(self.low, self.high, size=n)]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of ``options``, uniformly."""
+
+    options: tuple
+
+    def sample(self, rng: np.random.Generator, n: int) -> list:
+        if not len(self.options):
+            raise MBEInputError("a choice needs at least one option")
+        return [self.options[i] for i in rng.integers(len(self.options), size=n)]
+
+
+def _maybe_int(values: np.ndarray, integer: bool) -> list:
+    return [int(round(v)) for v in values] if integer else [float(v) for v in values]
+
+
+def _distribution(key: str, spec: Any) -> LogUniform | Uniform | Choice | None:
+    """Read one entry of a space: a distribution, its dict form, or ``None`` for a constant."""
+    if isinstance(spec, (LogUniform, Uniform, Choice)):
+        return spec
+    if not isinstance(spec, Mapping):
+        return None
+    values = {k.replace("-", "_"): v for k, v in spec.items()}
+    kinds = set(values) - {"integer"}
+    integer = bool(values.get("integer", False))
+    if kinds == {"log_uniform"}:
+        return LogUniform(*values["log_uniform"], integer=integer)
+    if kinds == {"uniform"}:
+        return Uniform(*values["uniform"], integer=integer)
+    if kinds == {"choice"}:
+        return Choice(tuple(values["choice"]))
+    raise MBEInputError(f"space entry {key!r} must be a constant or one of log_uniform, "
+                        f"uniform, choice, got {spec!r}")
+
+
+def sample_configs(space: Mapping[str, Any], n: int, seed: int) -> pd.DataFrame:
+    """Draw ``n`` configurations from a space, reproducibly.
+
+    Parameters
+    ----------
+    space : dict
+        ``name -> spec`` where a spec is :class:`LogUniform`, :class:`Uniform`,
+        :class:`Choice`, the same as a dict as written in YAML
+        (``{"log_uniform": [1e-4, 1e-1]}``, ``{"uniform": [0, 9], "integer":
+        true}``, ``{"choice": [16, 32]}``), or any other value, lists
+        included, which is a constant.
+    n : int
+        Number of configurations.
+    seed : int
+        Each column is drawn from its own stream derived from ``seed`` and the
+        column name, so adding a dimension leaves the other columns unchanged.
+
+    Returns
+    -------
+    DataFrame
+        One row per configuration, one column per space entry.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise MBEInputError(f"n must be a non-negative integer, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise MBEInputError(f"seed must be a non-negative integer, got {seed!r}")
+    columns = {}
+    for key, spec in space.items():
+        dist = _distribution(key, spec)
+        rng = np.random.default_rng([int(seed), zlib.crc32(str(key).encode())])
+        columns[key] = [spec] * int(n) if dist is None else dist.sample(rng, int(n))
+    return pd.DataFrame(columns, index=pd.RangeIndex(int(n)))
+
+
+# ---------------------------------------------------------------- configs and hashes
+
+
+def _native(value: Any) -> Any:
+    """Plain JSON-able Python value (numpy / torch scalars unwrapped, tuples as lists)."""
+    if isinstance(value, np.generic) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
+        value = value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _native(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_native(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"value {value!r} of type {type(value).__name__} is not JSON-able")
+
+
+def _canonical(value: Any) -> Any:
+    """Hash form: integral floats as ints, so 64 and 64.0 give the same key."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Stable 16-hex-digit key of a config (SHA-256 of its canonical JSON)."""
+    text = json.dumps(_canonical(_native(dict(config))), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _config_list(configs: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Configs as plain dicts; missing cells (None / NaN) are left out."""
+    rows = configs.to_dict("records") if isinstance(configs, pd.DataFrame) else list(configs)
+    out = []
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise MBEInputError(f"each config must be a dict, got {type(row).__name__}")
+        try:
+            clean = _native({k: v for k, v in row.items() if not _is_missing(v)})
+        except TypeError as exc:
+            raise MBEInputError(
+                f"config {dict(row)!r} holds a value that is not JSON-able") from exc
+        out.append(clean)
+    return out
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[int]:
+    """Open ``path`` for appending under an exclusive advisory lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except ImportError:  # Windows: single writer assumed
+            pass
+        yield fd
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_at(fd: int, size: int, offset: int) -> bytes:
+    os.lseek(fd, offset, os.SEEK_SET)  # appends still go to the end (O_APPEND)
+    return os.read(fd, size)
+
+
+def _drop_torn_tail(fd: int) -> None:
+    """Truncate a partial last line (left by a killed writer) before appending."""
+    size = os.fstat(fd).st_size
+    if size == 0 or _read_at(fd, 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        cut = _read_at(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            os.ftruncate(fd, start + cut + 1)
+            break
+        end = start
+    else:
+        os.ftruncate(fd, 0)
+    log.warning("dropped a torn last line of the ledger")
+
+
+def append_records(path: str | Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """Append records to a JSON-lines ledger durably: whole lines, then ``fsync``.
+
+    A process killed during the call leaves at most a partial last line,
+    which readers ignore and the next append removes.
+    """
+    data = b"".join((json.dumps(_native(dict(r))) + "\n").encode() for r in records)
+    if not data:
+        return
+    with _locked(Path(path)) as fd:
+        _drop_torn_tail(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+
+
+def _ledger_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            where = "last" if number == len(lines) else f"line {number}"
+            log.warning("ignoring a torn ledger line (%s) in %s", where, path)
+    return rows
+
+
+def _latest_rows(path: Path) -> dict[str, dict]:
+    """The latest row of every ``config_hash`` in the ledger, in order of first appearance."""
+    return {row.get("config_hash"): row for row in _ledger_rows(path)}
+
+
+def _frame(rows: Sequence[dict], first: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows as a DataFrame: ``config_hash``, ``status``, then ``first``, then the rest."""
+    frame = pd.DataFrame(list(rows))
+    if frame.empty:
+        return pd.DataFrame(columns=["config_hash", "status"])
+    lead = list(dict.fromkeys(c for c in ("config_hash", "status", *first) if c in frame))
+    return frame[lead + [c for c in frame.columns if c not in lead]]
+
+
+def read_ledger(path: str | Path) -> pd.DataFrame:
+    """Read a ledger: one row per ``config_hash`` (its latest record), torn lines ignored."""
+    return _frame(list(_latest_rows(Path(path)).values()))
+
+
+# ---------------------------------------------------------------- running
+
+
+def _call(run_fn: RunFn, configs: list[dict]) -> list[dict]:
+    """Worker side: run one config, or a group through ``run_fn.run_many``."""
+    if len(configs) == 1:
+        records = [run_fn(dict(configs[0]))]
+    else:
+        records = list(run_fn.run_many([dict(c) for c in configs]))  # type: ignore[attr-defined]
+    if len(records) != len(configs) or not all(isinstance(r, Mapping) for r in records):
+        raise TypeError("run_fn must return one dict per config")
+    return [dict(r) for r in records]
+
+
+@dataclass
+class _Task:
+    hashes: list[str]
+    configs: list[dict]
+    attempt: int = 1
+
+
+def _tasks(pending: list[tuple[str, dict]], run_fn: RunFn) -> list[_Task]:
+    """One task per config, or per group of configs ``run_fn`` can batch."""
+    group_key = getattr(run_fn, "group_key", None)
+    if group_key is None or not hasattr(run_fn, "run_many"):
+        return [_Task([h], [c]) for h, c in pending]
+    limit = max(1, int(getattr(run_fn, "max_group", 128)))
+    groups: dict[Any, list[tuple[str, dict]]] = {}
+    tasks = []
+    for h, c in pending:
+        key = group_key(c)
+        if key is None:
+            tasks.append(_Task([h], [c]))
+        else:
+            groups.setdefault(key, []).append((h, c))
+    for members in groups.values():
+        for i in range(0, len(members), limit):
+            chunk = members[i:i + limit]
+            tasks.append(_Task([h for h, _ in chunk], [c for _, c in chunk]))
+    return tasks
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+class _Runner:
+    """Driver side: retries, ledger appends and the progress bar."""
+
+    def __init__(self, run_fn: RunFn, ledger: Path, retries: int, bar: Any):
+        self.run_fn, self.ledger, self.retries, self.bar = run_fn, ledger, retries, bar
+
+    def succeeded(self, task: _Task, records: list[dict]) -> None:
+        now = _now()
+        rows = [{"config_hash": h, **c, "status": r.get("status", "ok"), **_without(r, "status"),
+                 "attempts": task.attempt, "finished_at": now}
+                for h, c, r in zip(task.hashes, task.configs, records)]
+        try:
+            append_records(self.ledger, rows)
+        except TypeError as exc:  # a record value that JSON cannot hold
+            for h, c in zip(task.hashes, task.configs):
+                self._record_failure(_Task([h], [c], task.attempt), exc)
+            return
+        self.bar.update(len(rows))
+
+    def _record_failure(self, task: _Task, exc: BaseException) -> None:
+        append_records(self.ledger, [{"config_hash": task.hashes[0], **task.configs[0],
+                                      "status": "failed", "error": _error_text(exc),
+                                      "attempts": task.attempt, "finished_at": _now()}])
+        self.bar.update(1)
+
+    def failed(self, task: _Task, exc: BaseException) -> list[_Task]:
+        """Tasks to resubmit after ``task`` raised ``exc`` (recording it when exhausted)."""
+        if len(task.configs) > 1:
+            log.warning("a group of %d runs failed (%s); running them one by one",
+                        len(task.configs), _error_text(exc))
+            return [_Task([h], [c]) for h, c in zip(task.hashes, task.configs)]
+        if task.attempt <= self.retries and not isinstance(exc, MBEInputError):
+            log.warning("run %s failed (attempt %d): %s", task.hashes[0], task.attempt,
+                        _error_text(exc))
+            return [_Task(task.hashes, task.configs, task.attempt + 1)]
+        self._record_failure(task, exc)
+        return []
+
+    def inline(self, tasks: list[_Task]) -> None:
+        queue = list(tasks)
+        while queue:
+            task = queue.pop(0)
+            try:
+                records = _call(self.run_fn, task.configs)
+            except Exception as exc:  # noqa: BLE001 - any run failure is recorded
+                queue[:0] = self.failed(task, exc)
+                continue
+            self.succeeded(task, records)
+
+    def futures(self, executor: cf.Executor, tasks: list[_Task]) -> None:
+        running: dict[cf.Future, _Task] = {}
+
+        def submit(task: _Task) -> None:
+            try:
+                running[executor.submit(_call, self.run_fn, task.configs)] = task
+            except Exception as exc:  # noqa: BLE001 - e.g. a broken process pool
+                for retry in self.failed(task, exc):
+                    submit(retry)
+
+        for task in tasks:
+            submit(task)
+        while running:
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                try:
+                    records = future.result()
+                except Exception as exc:  # noqa: BLE001 - worker failures are recorded
+                    for retry in self.failed(task, exc):
+                        submit(retry)
+                    continue
+                self.succeeded(task, records)
+
+
+def _without(record: Mapping[str, Any], key: str) -> dict:
+    return {k: v for k, v in record.items() if k != key}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _executor(executor: Any) -> Iterator[cf.Executor | None]:
+    """Resolve ``executor``: None, a ``concurrent.futures.Executor``, a Dask client,
+    ``"dask"`` (a fresh ``LocalCluster``) or a scheduler address."""
+    if executor is None or isinstance(executor, cf.Executor):
+        yield executor
+        return
+    if isinstance(executor, str):
+        from distributed import Client, LocalCluster
+        if executor == "dask":
+            with LocalCluster(threads_per_worker=1, dashboard_address=None) as cluster, \
+                    Client(cluster) as client:
+                yield client.get_executor(pure=False)
+            return
+        if "://" in executor:
+            with Client(executor) as client:
+                yield client.get_executor(pure=False)
+            return
+    if hasattr(executor, "get_executor"):  # a distributed.Client the caller owns
+        yield executor.get_executor(pure=False)
+        return
+    raise MBEInputError(f"executor must be None, a concurrent.futures.Executor, a Dask Client, "
+                        f"'dask' or a scheduler address like 'tcp://host:8786', got {executor!r}")
+
+
+def _progress_bar(total: int, done: int, enabled: bool) -> Any:
+    """tqdm.auto bar, shown only when enabled and in a terminal or notebook."""
+    from tqdm.auto import tqdm
+    try:
+        from tqdm.notebook import tqdm as notebook_tqdm
+        in_notebook = issubclass(tqdm, notebook_tqdm)
+    except ImportError:
+        in_notebook = False
+    interactive = in_notebook or sys.stderr.isatty()
+    return tqdm(total=total, initial=done, unit="run", desc="grid",
+                disable=not (enabled and interactive))
+
+
+def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
+             ledger_path: str | Path, executor: Any = None, progress: bool = True, *,
+             retries: int = 2, rerun_failed: bool = True) -> pd.DataFrame:
+    """Run every config not yet finished in the ledger; return one row per config.
+
+    Parameters
+    ----------
+    configs : DataFrame or list of dict
+        One config per row; missing cells (None / NaN) are left out of the
+        config.  Duplicate configs run once.
+    run_fn : callable
+        ``run_fn(config: dict) -> dict``, importable and picklable for process
+        and Dask executors.  If it also has ``group_key(config)`` and
+        ``run_many(configs)`` (as :class:`mbe_helpers.train.TrainRun` does),
+        configs with the same non-None key are sent as one task of at most
+        ``run_fn.max_group`` configs.
+    ledger_path : path
+        JSON-lines ledger (``.jsonl``); created if absent, only ever appended to.
+    executor : None, Executor, Dask Client, "dask" or "tcp://host:port"
+        ``None`` runs in this process; any ``concurrent.futures.Executor``;
+        a ``distributed.Client``; ``"dask"`` starts a ``LocalCluster`` (one
+        single-threaded worker per core) for the call; an address connects to
+        a running scheduler.
+    progress : bool
+        tqdm progress bar (runs done / total, ETA), shown in terminals and
+        notebooks only.
+    retries : int
+        A failing run is retried this many times, then recorded with status
+        ``failed`` and its error text; bad input (:class:`MBEInputError`) and
+        records JSON cannot hold are recorded at once.
+    rerun_failed : bool
+        Rerun configs whose latest ledger status is ``failed``.
+
+    Returns
+    -------
+    DataFrame
+        The latest ledger row of every config, in input order: ``config_hash``,
+        ``status`` (``ok`` / ``diverged`` / ``failed``), the config, the record,
+        ``attempts``, ``finished_at`` and, for failures, ``error``.
+    """
+    ledger = Path(ledger_path)
+    if ledger.suffix.lower() == ".csv":
+        raise MBEInputError(f"the ledger {ledger} is JSON lines: name it with .jsonl and export "
+                            "CSV with read_ledger(path).to_csv(...)")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise MBEInputError(f"retries must be a non-negative integer, got {retries!r}")
+    unique = {config_hash(c): c for c in _config_list(configs)}
+    skip = FINISHED if rerun_failed else (*FINISHED, "failed")
+    done = {h for h, row in _latest_rows(ledger).items() if row.get("status") in skip}
+    pending = [(h, c) for h, c in unique.items() if h not in done]
+    log.info("grid: %d configs, %d already in the ledger, %d to run",
+             len(unique), len(unique) - len(pending), len(pending))
+    with _executor(executor) as pool, \
+            _progress_bar(len(unique), len(unique) - len(pending), progress) as bar:
+        runner = _Runner(run_fn, ledger, retries, bar)
+        tasks = _tasks(pending, run_fn)
+        if pool is None:
+            runner.inline(tasks)
+        else:
+            runner.futures(pool, tasks)
+    latest = _latest_rows(ledger)
+    config_keys = dict.fromkeys(k for c in unique.values() for k in c)
+    return _frame([latest[h] for h in unique if h in latest], first=list(config_keys))
