@@ -7,7 +7,7 @@ PROFILE ?= default
 export PATH := $(BIN):$(PATH)
 export MPLBACKEND := Agg
 
-.PHONY: all venv test book lab bench clean
+.PHONY: all venv browser test book lab bench clean
 
 all: test
 
@@ -19,7 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# Debian's Chromium for the browser tests of the built site (skipped where it cannot be had).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "chromium could not be installed: the browser tests will skip"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 book: $(STAMP)

@@ -679,7 +679,7 @@ class AuditResult:
         return console.export_text()
 
     def plot(self, metric: str | None = None, group: str = "all"):
-        """Two-panel figure: metric vs target (ranks, with fit) and |raw| vs |partial|.
+        """Two-panel figure: metric vs target (ranks, with fit) and the absolute raw vs partial rho.
 
         See :func:`mbe_helpers.plots.audit_figure`.
         """

@@ -85,8 +85,8 @@ def perturbation_correlation(h: torch.Tensor, a: torch.Tensor,
 
     Parameters
     ----------
-    h, a : Tensor (N, *state)
-        Layer state and credit signal (same shape).
+    h, a : Tensor
+        Layer state and credit signal, both of shape ``(N, *state)``.
     forward_fn : callable
         Per-sample loss of a state, accepting leading dimensions:
         ``(..., N, *state) -> (..., N)`` (see :func:`mbe_helpers.stream.tail_loss`).

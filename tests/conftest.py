@@ -1,0 +1,28 @@
+"""Shared fixtures: the whole book built once per test session under the smoke profile."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory) -> Path:
+    """A copy of the repository's book, every chapter executed (smoke) and the site built.
+
+    Returns the root of the copy: ``_build/html``, ``_build/executed/smoke`` and
+    ``results/smoke`` are inside it; the real ``_build`` is never touched.
+    """
+    from mbe_helpers import book
+
+    root = tmp_path_factory.mktemp("smoke") / "repo"
+    root.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    book.build_book(root, "smoke", progress=False)
+    return root
