@@ -5,7 +5,6 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 PROFILE ?= default
 export PATH := $(BIN):$(PATH)
-export MPLBACKEND := Agg
 
 .PHONY: all venv browser test book lab bench clean
 

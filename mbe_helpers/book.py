@@ -26,7 +26,9 @@ site lands in ``_build/html/``. This module knows nothing of statistics.
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
+import os
 import json
 import re
 import shutil
@@ -359,9 +361,10 @@ def execute_chapter(chapter: Chapter, profile: str = "default",
 
     bar = {"desc": chapter.stem, "leave": True} if progress else False
     try:
-        pm.execute_notebook(chapter.path, output, parameters=params, kernel_name=KERNEL,
-                            cwd=str(chapter.path.parent), progress_bar=bar, log_output=False,
-                            extra_arguments=KERNEL_ARGS)
+        with _inline_figures():
+            pm.execute_notebook(chapter.path, output, parameters=params, kernel_name=KERNEL,
+                                cwd=str(chapter.path.parent), progress_bar=bar, log_output=False,
+                                extra_arguments=KERNEL_ARGS)
     except pm.PapermillExecutionError as exc:
         raise ChapterError(
             f"chapter {chapter.stem} failed in cell [{exc.exec_count}] with "
@@ -372,6 +375,21 @@ def execute_chapter(chapter: Chapter, profile: str = "default",
             f"chapter {chapter.stem} could not run: {type(exc).__name__}: {_first_line(str(exc))}."
         ) from exc
     return output
+
+
+@contextlib.contextmanager
+def _inline_figures():
+    """Let the kernel show figures inline even when the caller set ``MPLBACKEND`` (e.g. Agg).
+
+    The kernel inherits the environment; a non-interactive backend there
+    would silently drop every figure from the executed notebook.
+    """
+    saved = os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MPLBACKEND"] = saved
 
 
 def _first_line(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -24,5 +25,10 @@ def smoke_book(tmp_path_factory) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-    book.build_book(root, "smoke", progress=False)
+    saved = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "Agg"        # as under `make`: figures must still reach the notebooks
+    try:
+        book.build_book(root, "smoke", progress=False)
+    finally:
+        os.environ.pop("MPLBACKEND") if saved is None else os.environ.update(MPLBACKEND=saved)
     return root
