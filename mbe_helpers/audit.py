@@ -330,7 +330,8 @@ def _require_rows(frame: pd.DataFrame, metric: str, target: str, controls: list[
     constant = _constant_columns(frame, [metric, target, *controls])
     if constant:
         name = constant[0]
-        value = frame[name].iloc[0] if len(frame) else "nothing"
+        value = frame[name].iloc[0]
+        value = value.item() if hasattr(value, "item") else value
         raise MBEInputError(f"column {name!r} is constant (every complete row is {value!r}); "
                             "it carries no rank information, so drop it")
 
@@ -580,7 +581,7 @@ def _finish_table(rows: list[dict], settings: _Settings) -> pd.DataFrame:
 # The result object                                                           #
 # --------------------------------------------------------------------------- #
 
-_SHOWN = ["group", "metric", "n", "raw_r", "raw_lo", "raw_hi", "partial_r", "partial_lo",
+_SHOWN = ["group", "metric", "n", "n_dropped", "raw_r", "raw_lo", "raw_hi", "partial_r", "partial_lo",
           "partial_hi", "partial_p", "perm_p", "q", "classification"]
 
 
@@ -617,6 +618,8 @@ class AuditResult:
         shown = self.table[[c for c in _SHOWN if c in self.table.columns]].copy()
         if (shown.group == "all").all():
             shown = shown.drop(columns="group")
+        if not shown.n_dropped.any():
+            shown = shown.drop(columns="n_dropped")
         return shown
 
     def _caption(self) -> str:

@@ -83,7 +83,7 @@ def _console() -> Any:
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 140))
+    return console if console.is_terminal else Console(width=max(console.width, 200))
 
 
 _MISSING = object()
