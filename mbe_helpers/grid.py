@@ -451,6 +451,9 @@ def _executor(executor: Any) -> Iterator[cf.Executor | None]:
 
 def _progress_bar(total: int, done: int, enabled: bool) -> Any:
     """tqdm.auto bar, shown only when enabled and in a terminal or notebook."""
+    if not enabled:  # never touch tqdm.notebook (it warns without ipywidgets)
+        from tqdm.std import tqdm as plain_tqdm
+        return plain_tqdm(total=total, initial=done, disable=True)
     from tqdm.auto import tqdm
     try:
         from tqdm.notebook import tqdm as notebook_tqdm
