@@ -115,3 +115,324 @@ def _esd_panel(ax, name: str, eigs, fit, bins: int) -> None:
     else:
         ax.set_title(f"{name}: no fit ({fit.reason})", fontsize=9)
     ax.legend(fontsize=7)
+
+
+# --------------------------------------------------------------------------- #
+# The FIM_norm case study (Chapters 1 and 2)                                  #
+# --------------------------------------------------------------------------- #
+
+PROBE_AXES = {"capacity": ("training-set size", "log"), "noise": ("label-noise fraction", "linear")}
+
+
+def acid_test_figure(frame, metrics, target: str = "test_acc", probes=("capacity", "noise")):
+    """Target and metrics against the condition of each acid-test probe.
+
+    One row per variable (``target`` first), one column per probe; every seed
+    is a point, the line joins the means over seeds.  ``frame`` is
+    :func:`mbe_helpers.metrics.acid_test_frame`'s output.
+    """
+    rows = [target, *metrics]
+    fig, axes = plt.subplots(len(rows), len(probes), figsize=(4.6 * len(probes), 2.3 * len(rows)),
+                             sharex="col", squeeze=False)
+    for j, probe in enumerate(probes):
+        part = frame[frame.probe == probe]
+        label, scale = PROBE_AXES.get(probe, (probe, "linear"))
+        for i, name in enumerate(rows):
+            ax = axes[i, j]
+            ax.scatter(part.condition, part[name], s=12, alpha=0.5,
+                       color=PARTIAL_COLOUR if i == 0 else RAW_COLOUR)
+            means = part.groupby("condition")[name].mean()
+            ax.plot(means.index, means.to_numpy(), color="black", lw=1.2, marker="o", ms=3)
+            ax.set_xscale(scale)
+            ax.set_ylabel(name if j == 0 else "")
+            if i == 0:
+                ax.set_title(f"{probe} probe")
+        axes[-1, j].set_xlabel(label)
+    fig.tight_layout()
+    return fig
+
+
+def rho_forest_figure(table, metrics=None):
+    """Spearman rho with the target and its condition-bootstrap interval, per metric and probe.
+
+    ``table`` is :func:`mbe_helpers.metrics.acid_test`'s output; filled
+    markers are significant results, hollow ones are not.
+    """
+    metrics = list(dict.fromkeys(table.metric)) if metrics is None else list(metrics)
+    probes = list(dict.fromkeys(table.probe))
+    fig, ax = plt.subplots(figsize=(7, 0.34 * len(metrics) + 1.2))
+    colours = sns.color_palette("deep", len(probes))
+    for k, (probe, colour) in enumerate(zip(probes, colours)):
+        part = table[table.probe == probe].set_index("metric").reindex(metrics)
+        y = np.arange(len(metrics)) + (k - (len(probes) - 1) / 2) * 0.25
+        lo = np.clip((part.rho - part.lo).to_numpy(), 0, None)
+        hi = np.clip((part.hi - part.rho).to_numpy(), 0, None)
+        ax.errorbar(part.rho, y, xerr=[lo, hi], fmt="none", ecolor=colour, lw=1)
+        sig = part.significant.fillna(False).to_numpy(dtype=bool)
+        ax.scatter(part.rho[sig], y[sig], color=colour, s=22, label=f"{probe} (significant)")
+        ax.scatter(part.rho[~sig], y[~sig], facecolor="white", edgecolor=colour, s=22,
+                   label=f"{probe} (not significant)")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(np.arange(len(metrics)), metrics)
+    ax.invert_yaxis()
+    ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ with the target (95 % interval over conditions)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def design_figure(configs, columns, hue: str | None = "optimizer",
+                  log_columns=("lr", "weight_decay", "n_train")):
+    """Pair plot of a sampled design; ``log_columns`` are drawn as log10."""
+    data = configs[list(dict.fromkeys([*columns, *([hue] if hue else [])]))].copy()
+    for name in log_columns:
+        if name in data and name in columns:
+            data[f"log10 {name}"] = np.log10(data.pop(name).astype(float))
+    grid = sns.pairplot(data, hue=hue, corner=True, height=1.35, plot_kws={"s": 14},
+                        diag_kind="hist")
+    return grid.figure
+
+
+def baseline_figure(summary, audits=("baseline", "design", "both"), labels=None,
+                    effect: float = 0.2, washout: float = 0.1):
+    """Raw rho and the partial rho of each audit, with intervals, one row per metric.
+
+    ``summary`` is :func:`mbe_helpers.metrics.audit_summary`'s output; the
+    dashed lines are the effect threshold, the dotted ones the washout threshold.
+    """
+    labels = dict(labels or {})
+    metrics = list(summary.metric)
+    fig, ax = plt.subplots(figsize=(7.5, 0.36 * len(metrics) + 1.3))
+    series = [("raw", "raw_r", "raw_lo", "raw_hi")]
+    series += [(labels.get(a, f"partial | {a}"), f"partial_{a}", f"lo_{a}", f"hi_{a}")
+               for a in audits]
+    colours = sns.color_palette("deep", len(series))
+    for k, ((label, col, lo, hi), colour) in enumerate(zip(series, colours)):
+        y = np.arange(len(metrics)) + (k - (len(series) - 1) / 2) * 0.18
+        value = summary[col].to_numpy(dtype=float)
+        if lo in summary and hi in summary:
+            err = [np.clip(value - summary[lo], 0, None), np.clip(summary[hi] - value, 0, None)]
+            ax.errorbar(value, y, xerr=err, fmt="none", ecolor=colour, lw=0.9)
+        ax.scatter(value, y, color=colour, s=18, label=label, zorder=3)
+    for x, style in ((effect, "--"), (washout, ":")):
+        for sign in (-1, 1):
+            ax.axvline(sign * x, color="grey", ls=style, lw=0.8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(np.arange(len(metrics)), metrics)
+    ax.invert_yaxis()
+    ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ with the target (raw or partial)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def temporal_figure(temporal, highlight=("fim_norm",), effect: float = 0.2):
+    """Partial rho given the same-epoch validation loss, against the probe epoch.
+
+    ``temporal`` is :func:`mbe_helpers.metrics.temporal_audit`'s output.
+    Metrics in ``highlight`` are drawn thick with their bootstrap band (when
+    present); the others are thin lines.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    others = [m for m in dict.fromkeys(temporal.metric) if m not in highlight]
+    palette = dict(zip(others, sns.color_palette("husl", len(others))))
+    palette.update(zip(highlight, sns.color_palette("dark", len(highlight))))
+    for metric in [*others, *[h for h in highlight if h in set(temporal.metric)]]:
+        part = temporal[temporal.metric == metric].sort_values("epoch")
+        strong = metric in highlight
+        ax.plot(part.epoch, part.partial_r, marker="o", ms=4 if strong else 2.5,
+                lw=2.4 if strong else 1, alpha=1 if strong else 0.7, color=palette[metric],
+                label=metric)
+        if strong and "partial_lo" in part:
+            ax.fill_between(part.epoch, part.partial_lo, part.partial_hi, color=palette[metric],
+                            alpha=0.15, lw=0)
+    for sign in (-1, 1):
+        ax.axhline(sign * effect, color="grey", ls="--", lw=0.8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xscale="log", ylim=(-1.05, 1.05), xlabel="probe epoch",
+           ylabel="partial ρ given validation loss at that epoch")
+    epochs = sorted(set(temporal.epoch))
+    ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.minorticks_off()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- #
+# Credit assignment: calibration controls and FA diagnostics (Chapters 3, 4)  #
+# --------------------------------------------------------------------------- #
+
+CONTROL_STYLE = {"positive": {"color": "black", "ls": "--"}, "negative": {"color": "grey", "ls": ":"}}
+MEASURE_LABELS = {"rho": "perturbation correlation ρ", "bp_cosine": "BP cosine Γ",
+                  "nudge": "nudging Δloss (negative = downhill)"}
+
+
+def _grid_subplots(*args, **kwargs):
+    """``plt.subplots`` with seaborn's whitegrid style for the new axes only."""
+    with sns.axes_style("whitegrid"):
+        return plt.subplots(*args, **kwargs)
+
+
+def _condition_colours(conditions):
+    """Controls in black / grey, every other condition a colour of the ``deep`` palette."""
+    others = [c for c in conditions if c not in CONTROL_STYLE]
+    colours = dict(zip(others, sns.color_palette("deep", max(len(others), 1))))
+    return {c: CONTROL_STYLE[c]["color"] if c in CONTROL_STYLE else colours[c] for c in conditions}
+
+
+def credit_layers_figure(summary, measures=("rho", "bp_cosine", "nudge")):
+    """Each credit measure against the stream state, one line per condition, t-intervals over seeds.
+
+    ``summary`` stacks :func:`mbe_helpers.experiments.seed_intervals` tables
+    with a ``measure`` column; controls are drawn black dashed (positive) and
+    grey dotted (negative).
+    """
+    conditions = list(dict.fromkeys(summary.condition))
+    colours = _condition_colours(conditions)
+    fig, axes = _grid_subplots(1, len(measures), figsize=(4.4 * len(measures), 3.8), squeeze=False)
+    for ax, measure in zip(axes.flat, measures):
+        part = summary[summary.measure == measure]
+        for k, condition in enumerate(conditions):
+            rows = part[part.condition == condition].sort_values("layer")
+            x = rows.layer.to_numpy() + (k - (len(conditions) - 1) / 2) * 0.05
+            err = np.nan_to_num([np.clip(rows["mean"] - rows.ci_lo, 0, None),
+                                 np.clip(rows.ci_hi - rows["mean"], 0, None)])
+            ax.errorbar(x, rows["mean"], yerr=err, color=colours[condition], marker="o", ms=4,
+                        capsize=2, lw=1.3, ls=CONTROL_STYLE.get(condition, {}).get("ls", "-"),
+                        label=condition)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set(xlabel="stream state $h_l$", ylabel=MEASURE_LABELS.get(measure, measure))
+        ax.set_xticks(sorted(set(part.layer)))
+    axes.flat[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def calibrated_scale_figure(deep, placed, per_layer, floor_units: float = 3.0):
+    """The calibrated scale: deep-layer rho per condition and the fraction of the ceiling per layer.
+
+    Left: per-seed deep-layer rho (points) and the mean with its t-interval;
+    the dashed line is the positive-control ceiling, the grey band the
+    negative control's mean ± ``floor_units`` of its spread over seeds.
+    Right: ``fraction_of_ceiling`` of every condition at every stream state
+    (``per_layer`` from :func:`mbe_helpers.credit.calibrated_scale`).
+    """
+    conditions = list(placed.condition)
+    colours = _condition_colours(conditions)
+    fig, (left, right) = _grid_subplots(1, 2, figsize=(11.5, 0.45 * len(conditions) + 2.2),
+                                      width_ratios=(1.1, 1))
+    stats_ = placed.set_index("condition")
+    for y, condition in enumerate(conditions):
+        seeds = deep[deep.condition == condition].rho
+        left.scatter(seeds, np.full(len(seeds), y + 0.15), s=14, alpha=0.6, color=colours[condition])
+        row = stats_.loc[condition]
+        err = [[max(row["mean"] - row.ci_lo, 0)], [max(row.ci_hi - row["mean"], 0)]]
+        left.errorbar([row["mean"]], [y], xerr=np.nan_to_num(err), fmt="o", color=colours[condition],
+                      capsize=3)
+    if "negative" in stats_.index:
+        neg = stats_.loc["negative"]
+        left.axvspan(neg["mean"] - floor_units * neg.sd, neg["mean"] + floor_units * neg.sd,
+                     color="grey", alpha=0.2, lw=0, label=f"noise floor (±{floor_units:g} sd)")
+    if "positive" in stats_.index:
+        left.axvline(stats_.loc["positive", "mean"], color="black", ls="--", lw=1, label="ceiling")
+    left.set_yticks(range(len(conditions)), conditions)
+    left.invert_yaxis()
+    left.set(xlabel=f"deep-layer mean ρ (layers {deep.layers.iloc[0]}), 95 % t-interval")
+    left.legend(fontsize=7, loc="lower right")
+    grid = per_layer.pivot(index="condition", columns="layer", values="fraction_of_ceiling")
+    sns.heatmap(grid.reindex(conditions), ax=right, annot=True, fmt=".2f", cmap="vlag", center=0,
+                vmin=-1, vmax=1, cbar_kws={"label": "fraction of the ceiling"})
+    right.set(xlabel="stream state $h_l$", ylabel="")
+    fig.tight_layout()
+    return fig
+
+
+def sensitivity_figure(sweep):
+    """Rho against eps and against the number of directions M (mean ± sd over direction seeds).
+
+    ``sweep`` stacks :func:`mbe_helpers.experiments.sensitivity` tables; one
+    line per condition and precision.
+    """
+    data = sweep.assign(series=sweep.condition + " (" + sweep.dtype + ")")
+    fig, axes = _grid_subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, (name, label) in zip(axes, (("eps", "perturbation size ε"),
+                                        ("M", "directions per sample M"))):
+        sns.lineplot(data=data[data.sweep == name], x="value", y="rho", hue="series",
+                     errorbar="sd", marker="o", ax=ax, legend=name == "M")
+        ax.set(xscale="log", xlabel=label, ylabel="ρ")
+        ax.axhline(0, color="grey", lw=0.6)
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.01, 1), fontsize=7, title=None)
+    fig.tight_layout()
+    return fig
+
+
+def stream_norms_figure(layers, grad_floor: float = 1e-7):
+    """Diagnostics (a) and (b): median residual norm and BP-gradient norm per stream state.
+
+    ``layers`` is :meth:`mbe_helpers.experiments.DiagnosticRuns.layers`; the
+    line is the mean over seeds, the band their range; log scale, with the
+    BP-gradient floor drawn.
+    """
+    fig, axes = _grid_subplots(1, 2, figsize=(11.5, 4))
+    palette = dict(zip(dict.fromkeys(layers.method), sns.color_palette("deep", layers.method.nunique())))
+    for ax, (column, label) in zip(axes, (("residual_norm", "median $\\|h_l\\|_2$"),
+                                          ("bp_grad_norm", "median $\\|\\partial L/\\partial h_l\\|_2$"))):
+        sns.lineplot(data=layers, x="layer", y=column, hue="method", palette=palette, marker="o",
+                     errorbar=("pi", 100), ax=ax, legend=column == "bp_grad_norm")
+        ax.set(yscale="log", xlabel="stream state $h_l$", ylabel=label)
+        ax.set_xticks(sorted(set(layers.layer)))
+    axes[1].axhline(grad_floor, color="red", ls="--", lw=1, label=f"floor {grad_floor:.0e}")
+    axes[1].set_ylim(bottom=min(grad_floor / 3, axes[1].get_ylim()[0]))
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def stability_figure(accuracy, ceiling: float = 0.30):
+    """Diagnostic (c): cross-batch stability of the BP-gradient direction per method, ceiling drawn.
+
+    ``accuracy`` is :meth:`mbe_helpers.experiments.DiagnosticRuns.accuracy`
+    (its ``stability`` column is the value at the judged state); points are
+    seeds, the bar their mean.
+    """
+    fig, ax = _grid_subplots(figsize=(7.5, 3.8))
+    order = list(dict.fromkeys(accuracy.method))
+    sns.barplot(data=accuracy, x="method", y="stability", order=order, errorbar=None,
+                color="#c9d6ea", ax=ax)
+    sns.stripplot(data=accuracy, x="method", y="stability", order=order, color="#4c72b0", size=5,
+                  ax=ax)
+    ax.axhline(ceiling, color="red", ls="--", lw=1, label=f"ceiling {ceiling:.2f}")
+    layer = int(accuracy.stability_layer.iloc[0])
+    ax.set(xlabel="", ylabel=f"mean pairwise cosine at $h_{layer}$", ylim=(min(0, ax.get_ylim()[0]), 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def frozen_margin_figure(accuracy, shallow=None, margin: float = 0.02):
+    """Diagnostic (d): test accuracy per method against the frozen-blocks baseline.
+
+    Left: test accuracy per method (points are seeds), with the networks
+    without deep blocks (``shallow``, :func:`mbe_helpers.experiments.shallow_baselines`)
+    for reference.  Right: accuracy minus the frozen baseline of the same
+    seed, in percentage points, with the required margin drawn.
+    """
+    import pandas as pd
+
+    fig, (left, right) = _grid_subplots(1, 2, figsize=(11.5, 3.8))
+    absolute = accuracy[["method", "seed", "test_acc"]]
+    if shallow is not None:
+        absolute = pd.concat([absolute, shallow.rename(columns={"model": "method"})], ignore_index=True)
+    sns.stripplot(data=absolute, x="method", y="test_acc", size=5, ax=left, color="#4c72b0")
+    left.set(xlabel="", ylabel="test accuracy")
+    left.tick_params(axis="x", rotation=35)
+    gain = accuracy.dropna(subset=["margin"]).assign(pp=lambda t: 100 * t.margin)
+    sns.stripplot(data=gain, x="method", y="pp", size=5, ax=right, color="#dd8452")
+    right.axhline(100 * margin, color="red", ls="--", lw=1, label=f"required margin {100 * margin:g} pp")
+    right.axhline(0, color="grey", lw=0.8)
+    right.set(xlabel="", ylabel="accuracy − frozen baseline (pp)")
+    right.tick_params(axis="x", rotation=35)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
