@@ -58,13 +58,16 @@ def _check_pair(h: torch.Tensor, a: torch.Tensor) -> None:
 
 
 def random_directions(shape: torch.Size, n_directions: int, seed: int,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                      ) -> torch.Tensor:
     """``n_directions`` random unit vectors per sample: shape ``(M, N, *state)``.
 
     Each sample's direction is uniform on the sphere of its flattened state.
+    They are drawn on the CPU from ``seed`` (the same numbers on every device)
+    and moved to ``device``.
     """
     generator = torch.Generator().manual_seed(seed)
-    v = torch.randn((n_directions, *shape), generator=generator, dtype=dtype)
+    v = torch.randn((n_directions, *shape), generator=generator, dtype=dtype).to(device)
     norms = v.flatten(2).norm(dim=-1).reshape(n_directions, shape[0], *([1] * (len(shape) - 1)))
     return v / norms
 
@@ -104,7 +107,7 @@ def perturbation_correlation(h: torch.Tensor, a: torch.Tensor,
         raise MBEInputError(f"eps must be positive and n_directions at least 1, "
                             f"got eps={eps}, n_directions={n_directions}")
     h, a = h.detach(), a.detach()
-    directions = random_directions(h.shape, n_directions, seed, h.dtype)
+    directions = random_directions(h.shape, n_directions, seed, h.dtype, h.device)
     with torch.no_grad():
         base = forward_fn(h)
         true = torch.cat([forward_fn(h + eps * v) - base
@@ -301,7 +304,7 @@ def random_signals(model, x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
     with torch.no_grad():
         hidden, _ = stream.forward_stream(model, x)
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(h.shape, generator=generator, dtype=h.dtype) for h in hidden]
+    return [torch.randn(h.shape, generator=generator, dtype=h.dtype).to(h.device) for h in hidden]
 
 
 def calibrated_scale(table, *, value: str = "rho", condition: str = "condition",
