@@ -32,3 +32,14 @@ def smoke_book(tmp_path_factory) -> Path:
     finally:
         os.environ.pop("MPLBACKEND") if saved is None else os.environ.update(MPLBACKEND=saved)
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_chapter(smoke_book: Path):
+    """``stem -> (executed notebook, results folder)`` of a chapter in the session's smoke build."""
+
+    def outputs(stem: str) -> tuple[Path, Path]:
+        return (smoke_book / "_build" / "executed" / "smoke" / f"{stem}.ipynb",
+                smoke_book / "results" / "smoke" / stem)
+
+    return outputs

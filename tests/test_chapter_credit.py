@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mbe_helpers import book
+from notebooks import cells, glue_roles, glued, source
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTERS = ("03_calibration_controls", "04_fa_diagnostics")
@@ -22,30 +22,6 @@ ARTIFACTS = {
                           "shallow_baselines.csv", "verdict_table.csv", "alignment.csv", "survival.csv",
                           "stream_norms.png", "stability.png", "frozen_margin.png"),
 }
-
-
-def cells(path: Path) -> list[dict]:
-    return json.loads(path.read_text(encoding="utf-8"))["cells"]
-
-
-def source(cell: dict) -> str:
-    return "".join(cell["source"])
-
-
-def glued(path: Path) -> dict[str, str]:
-    """Glue key -> text/plain value of an executed notebook."""
-    found = {}
-    for cell in cells(path):
-        for out in cell.get("outputs", []):
-            record = out.get("metadata", {}).get("scrapbook", {})
-            if record.get("name"):
-                found[record["name"]] = out["data"].get(record.get("mime_prefix", "") + "text/plain", "")
-    return found
-
-
-def glue_roles(path: Path) -> set[str]:
-    text = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "markdown")
-    return {m.split(":")[0] for m in re.findall(r"\{glue:text\}`([^`]+)`", text)}
 
 
 def number(values: dict[str, str], key: str) -> float:
@@ -85,15 +61,8 @@ def test_chapters_are_registered_in_profiles_and_toc() -> None:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    out = {}
-    for stem in CHAPTERS:
-        tmp = tmp_path_factory.mktemp(stem)
-        chapter = book.get_chapter(stem, REPO)
-        executed = book.execute_chapter(chapter, "smoke", root=REPO, output=tmp / f"{stem}.ipynb",
-                                        results_dir=tmp / "results", progress=False)
-        out[stem] = (executed, tmp / "results")
-    return out
+def smoke(smoke_chapter) -> dict[str, tuple[Path, Path]]:
+    return {stem: smoke_chapter(stem) for stem in CHAPTERS}
 
 
 @pytest.mark.slow

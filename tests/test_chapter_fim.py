@@ -12,30 +12,12 @@ import yaml
 
 from mbe_helpers import book
 from mbe_helpers.metrics import BATTERY
+from notebooks import cells, glued, source
 
 REPO = Path(__file__).resolve().parents[1]
 ACID = REPO / "book" / "01_acid_test.ipynb"
 GRID = REPO / "book" / "02_heterogeneous_grid.ipynb"
 ROLE = re.compile(r"\{glue:text\}`([^`:]+)(?::([^`]+))?`")
-
-
-def cells(path: Path) -> list[dict]:
-    return json.loads(path.read_text(encoding="utf-8"))["cells"]
-
-
-def source(cell: dict) -> str:
-    return "".join(cell["source"])
-
-
-def glued(path: Path) -> dict[str, str]:
-    """Glue key -> text/plain value of an executed notebook."""
-    found = {}
-    for cell in cells(path):
-        for out in cell.get("outputs", []):
-            record = out.get("metadata", {}).get("scrapbook", {})
-            if record.get("name"):
-                found[record["name"]] = out["data"].get(record.get("mime_prefix", "") + "text/plain", "")
-    return found
 
 
 def check_roles(executed: Path) -> dict[str, str]:
@@ -90,15 +72,13 @@ def run(name: str, tmp: Path, overrides: dict | None = None, results: Path | Non
 
 
 @pytest.fixture(scope="module")
-def acid_smoke(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("acid")
-    return run("acid_test", tmp), tmp / "results"
+def acid_smoke(smoke_chapter) -> tuple[Path, Path]:
+    return smoke_chapter("01_acid_test")
 
 
 @pytest.fixture(scope="module")
-def grid_smoke(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("grid")
-    return run("heterogeneous_grid", tmp), tmp / "results"
+def grid_smoke(smoke_chapter) -> tuple[Path, Path]:
+    return smoke_chapter("02_heterogeneous_grid")
 
 
 @pytest.mark.slow

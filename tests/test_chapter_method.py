@@ -10,28 +10,10 @@ import pytest
 
 from mbe_helpers import book
 from mbe_helpers.simulate import EXPECTED_CLASSES
+from notebooks import cells, glued, source
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "book" / "00_method.ipynb"
-
-
-def cells(path: Path) -> list[dict]:
-    return json.loads(path.read_text(encoding="utf-8"))["cells"]
-
-
-def source(cell: dict) -> str:
-    return "".join(cell["source"])
-
-
-def glued(path: Path) -> dict[str, str]:
-    """Glue key -> text/plain value of an executed notebook."""
-    found = {}
-    for cell in cells(path):
-        for out in cell.get("outputs", []):
-            record = out.get("metadata", {}).get("scrapbook", {})
-            if record.get("name"):
-                found[record["name"]] = out["data"].get(record.get("mime_prefix", "") + "text/plain", "")
-    return found
 
 
 def test_first_code_cell_is_tagged_parameters_and_outputs_are_stripped() -> None:
@@ -63,12 +45,8 @@ def test_every_glue_role_has_a_glue_call() -> None:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("method")
-    chapter = book.get_chapter("method", REPO)
-    out = book.execute_chapter(chapter, "smoke", root=REPO, output=tmp / "00_method.ipynb",
-                               results_dir=tmp / "results", progress=False)
-    return out, tmp / "results"
+def smoke_run(smoke_chapter) -> tuple[Path, Path]:
+    return smoke_chapter("00_method")
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """FA diagnostics on constructed networks where each must fire, and must not."""
 
-import math
 
 import pytest
 import torch
@@ -54,7 +53,7 @@ def test_healthy_network_passes_everything(trained):
 
 
 def test_norms_are_along_the_feature_dimension():
-    model, (x, y) = net(), batches(1)[0]
+    model, (x, _) = net(), batches(1)[0]
     hidden, _ = forward_stream(model, x)
     assert protocol.residual_norms(model, x)[2] == pytest.approx(float(hidden[2].detach().norm(dim=-1).median()))
 
