@@ -234,3 +234,19 @@ def test_smoke_build_of_the_real_book(smoke_book: Path) -> None:
         assert author in references
     assert (root / "results" / "smoke" / "00_method" / "audit.csv").is_file()
     assert (root / "_build" / "executed" / "smoke" / "00_method.ipynb").is_file()
+
+
+def test_lab_kernel_is_this_environment() -> None:
+    """`make lab` opens the chapters with the `python3` kernel of the environment holding the package."""
+    import subprocess
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(book.KERNEL)
+    python = spec.argv[0] if spec.argv[0] != "python" else sys.executable
+    probe = subprocess.run([python, "-c", "import mbe_helpers, sys; print(sys.prefix)"],
+                           capture_output=True, text=True, check=True)
+    assert Path(probe.stdout.strip()).resolve() == Path(sys.prefix).resolve()
+    lab = subprocess.run([sys.executable, "-m", "jupyterlab", "--version"], capture_output=True, text=True)
+    assert lab.returncode == 0 and lab.stdout.strip()[0].isdigit()
