@@ -43,3 +43,14 @@ def smoke_chapter(smoke_book: Path):
                 smoke_book / "results" / "smoke" / stem)
 
     return outputs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest, and most reproducibly, on one torch thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from mbe_helpers.errors import MBEInputError
 from mbe_helpers.grid import (Choice, LogUniform, Uniform, append_records, config_hash,
@@ -27,12 +26,7 @@ from mbe_helpers.train import TrainRun, train_run
 TINY = {"width": 8, "depth": 1, "epochs": 3, "n_train": 150, "probe_epochs": [1, 3]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def double(config: dict) -> dict:

@@ -26,12 +26,7 @@ TINY = {"width": 8, "depth": 1, "epochs": 3, "n_train": 120, "probe_epochs": [1,
         "fim_samples": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(seed: int = 0, width: int = 8) -> MLP:

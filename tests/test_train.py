@@ -17,13 +17,7 @@ from mbe_helpers.data import load_dataset
 SMALL = {"width": 16, "depth": 2, "epochs": 6, "n_train": 200, "probe_epochs": [0, 3, 6]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest, and most reproducibly, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weight_norm(model: torch.nn.Module, batch) -> float:
