@@ -47,7 +47,7 @@ from torch import nn
 from mbe_helpers import credit, feedback, protocol, stream
 from mbe_helpers.data import Dataset
 from mbe_helpers.errors import MBEInputError
-from mbe_helpers.models import ResidualMLP
+from mbe_helpers.models import ResidualMLP, ViTMini
 from mbe_helpers.train import train
 
 CONTROLS = ("positive", "negative")
@@ -59,7 +59,8 @@ INIT = "init"
 OWN_SIGNAL = {"bp": "positive", "fa": "fa", "dfa": "dfa", "dfa_penalized": "dfa_penalized",
               "dfa_shuffled": "dfa_shuffled"}
 """The credit condition a method trains with (BP's own signal is the true gradient)."""
-TRAIN_KEYS = ("width", "n_blocks", "epochs", "lr", "batch_size", "penalty")
+TRAIN_KEYS = ("model", "width", "n_blocks", "epochs", "lr", "batch_size", "penalty")
+MODELS = ("resmlp", "vit")
 MEASURES = ("rho", "bp_cosine", "nudge")
 
 
@@ -120,10 +121,28 @@ def _seeded(build, seed: int) -> nn.Module:
         return build()
 
 
-def train_residual(rule_name: str, data: Dataset, *, width: int = 256, n_blocks: int = 4,
-                   epochs: int = 30, lr: float = 1e-3, batch_size: int | None = 128,
-                   penalty: float = 1e-2, seed: int = 0):
-    """Train a ``ResidualMLP(in, width, classes, n_blocks)`` with one learning rule (Adam).
+def residual_model(kind: str, data: Dataset, width: int, n_blocks: int) -> nn.Module:
+    """``ResidualMLP(in, width, classes, n_blocks)`` or a ``ViTMini`` of the same width and depth.
+
+    The ViT-mini cuts images into 4 x 4 patches (2 x 2 when a side is not a
+    multiple of 4) and uses 4 attention heads when ``width`` allows, else 1.
+    """
+    if kind == "resmlp":
+        return ResidualMLP(data.in_dim, width, data.n_classes, n_blocks)
+    if kind != "vit":
+        raise MBEInputError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
+    if data.image_shape is None:
+        raise MBEInputError(f"model 'vit' needs an image dataset, and {data.name} has none")
+    side = min(data.image_shape[1:])
+    patch = 4 if side % 4 == 0 else 2
+    return ViTMini(data.image_shape, data.n_classes, patch=patch, width=width, n_blocks=n_blocks,
+                   n_heads=4 if width % 4 == 0 else 1)
+
+
+def train_residual(rule_name: str, data: Dataset, *, model: str = "resmlp", width: int = 256,
+                   n_blocks: int = 4, epochs: int = 30, lr: float = 1e-3,
+                   batch_size: int | None = 128, penalty: float = 1e-2, seed: int = 0):
+    """Train a residual model (:func:`residual_model`) with one learning rule (Adam).
 
     The model initialisation, the minibatch order and the feedback matrices
     all derive from ``seed`` (torch's global RNG is left untouched);
@@ -137,8 +156,8 @@ def train_residual(rule_name: str, data: Dataset, *, width: int = 256, n_blocks:
         matrices) and :func:`mbe_helpers.train.train`'s flat record.
     """
     rule = feedback.make_rule(rule_name, seed=seed, penalty=penalty)
-    model = _seeded(lambda: ResidualMLP(data.in_dim, width, data.n_classes, n_blocks), seed)
-    model = model.to(data.x_train)
+    kind = model
+    model = _seeded(lambda: residual_model(kind, data, width, n_blocks), seed).to(data.x_train)
     if isinstance(rule, feedback.FrozenBlocks):
         rule.freeze(model)
     record = train(model, data, optimizer="adam", lr=lr, epochs=epochs, batch_size=batch_size,
@@ -168,8 +187,9 @@ def credit_signals(condition: str, model, rule, x: torch.Tensor, y: torch.Tensor
         if not isinstance(rule, feedback.DirectFeedbackAlignment):
             raise MBEInputError(f"condition {condition!r} needs the DFA rule the network trained "
                                 f"with, got {type(rule).__name__}")
-        _, logits = stream.forward_stream(model, x)
-        return rule.signals(logits, y)
+        hidden, logits = stream.forward_stream(model, x)
+        return [a[:, None, :].expand_as(h) if h.dim() == 3 else a   # token models: every token
+                for a, h in zip(rule.signals(logits, y), hidden)]
     if condition == "fa":
         if not isinstance(rule, feedback.FeedbackAlignment):
             raise MBEInputError(f"condition 'fa' needs the FeedbackAlignment rule the network "

@@ -22,6 +22,13 @@ returns the batch-mean cross-entropy.  An optimiser step then applies them.
 * :class:`FrozenBlocks` -- backprop, but the residual blocks stay at their
   initialisation: the architecture-matched floor.
 
+For a ``ViTMini`` the segments are the token embedding and each block's
+update; the signal :math:`e B_l^\top` is given to every token (the same
+vector at every position), the head reads the detached CLS token.  FA on a
+``ViTMini`` replaces :math:`W^\top` in its ``nn.Linear`` layers (MLPs, head);
+the attention projections, which ``nn.MultiheadAttention`` applies without
+calling a Linear's ``forward``, keep their true backward.
+
 For a ``ResidualMLP`` the DFA segments are the embedding (output
 :math:`h_0`) and each block's residual branch (output :math:`f_l(h_l)`, whose
 gradient is that of :math:`h_{l+1}`); the credit signal a rule assigns to
@@ -43,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbe_helpers.errors import MBEInputError
-from mbe_helpers.models import MLP, ResidualMLP
+from mbe_helpers.models import MLP, ResidualMLP, ViTMini
 from mbe_helpers.stream import output_error
 
 RULES = ("bp", "fa", "dfa", "dfa_penalized", "dfa_shuffled", "frozen")
@@ -180,6 +187,16 @@ def _dfa_forward(model: nn.Module, x: torch.Tensor):
             branches.append(branch)
             state = state + branch.detach()
         return outputs, branches, model.out_head(model.out_ln(state))
+    if isinstance(model, ViTMini):
+        h = model.tokens(x)
+        outputs, branches = [h], []
+        state = h.detach()
+        for block in model.blocks:
+            branch = block(state)
+            outputs.append(branch)
+            branches.append(branch)
+            state = state + branch.detach()
+        return outputs, branches, model.head(model.norm(state)[:, 0])
     if isinstance(model, MLP):
         layers, outputs, state = list(model.net), [], x.flatten(1)
         for layer in layers[:-1]:
@@ -187,8 +204,13 @@ def _dfa_forward(model: nn.Module, x: torch.Tensor):
             if not isinstance(layer, (nn.Linear, nn.Dropout)):
                 outputs.append(state)
         return outputs, [], layers[-1](state.detach())
-    raise MBEInputError(f"direct feedback alignment is defined here for ResidualMLP and MLP, "
+    raise MBEInputError(f"direct feedback alignment is defined here for ResidualMLP, ViTMini and MLP, "
                         f"not {type(model).__name__}")
+
+
+def _per_position(signal: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """A per-sample signal (N, d), repeated at every token of a token output (N, T, d)."""
+    return signal[:, None, :].expand_as(output) if output.dim() == 3 else signal
 
 
 class DirectFeedbackAlignment:
@@ -224,7 +246,7 @@ class DirectFeedbackAlignment:
         loss = F.cross_entropy(logits, y)
         error = output_error(logits.detach(), y) / len(y)
         local = loss + self.penalty * sum(b.pow(2).sum(-1).mean() for b in branches)
-        injected = [error @ b.T for b in self.matrices]
+        injected = [_per_position(error @ b.T, out) for b, out in zip(self.matrices, outputs)]
         torch.autograd.backward([local, *outputs], [torch.ones_like(local), *injected])
         return loss.detach()
 

@@ -293,3 +293,16 @@ def test_bad_input_fails_in_one_sentence(data, call, match):
         call(data)
     message = str(info.value)
     assert "\n" not in message and ". " not in message.rstrip(".")
+
+
+def test_vit_mini_trains_with_dfa_and_its_signals_cover_every_token(data):
+    model, rule, record = ex.train_residual("dfa", data, model="vit", width=8, n_blocks=1,
+                                                     epochs=1, seed=0)
+    assert record["status"] == "ok" and len(rule.matrices) == 2
+    x, y = data.x_test[:6], data.y_test[:6]
+    signals = ex.credit_signals("dfa", model, rule, x, y)
+    hidden, _ = stream.forward_stream(model, x)
+    assert [s.shape for s in signals] == [h.shape for h in hidden]       # (N, tokens, width)
+    assert torch.equal(signals[1][:, 0], signals[1][:, 3])               # the same at every token
+    with pytest.raises(MBEInputError, match="unknown model 'cnn'; choose one of resmlp, vit"):
+        ex.train_residual("bp", data, model="cnn", epochs=0)

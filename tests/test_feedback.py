@@ -151,5 +151,35 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
 def test_unknown_rule_and_model():
     with pytest.raises(MBEInputError, match="unknown learning rule 'sgd'; choose one of bp, fa"):
         feedback.make_rule("sgd")
-    with pytest.raises(MBEInputError, match="ResidualMLP and MLP"):
+    with pytest.raises(MBEInputError, match="ResidualMLP, ViTMini and MLP"):
         feedback.make_rule("dfa").grads(torch.nn.Linear(3, 2), *batch())
+
+
+def test_dfa_on_vit_gives_every_token_the_projected_error():
+    from mbe_helpers.models import ViTMini
+
+    torch.manual_seed(0)
+    model = ViTMini((1, 4, 4), 3, patch=2, width=8, n_blocks=2, n_heads=2).double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    rule = feedback.DirectFeedbackAlignment(seed=2)
+    rule.grads(model, x, y)
+    assert len(rule.matrices) == 3 and all(b.shape == (8, 3) for b in rule.matrices)
+    # the last block's MLP output layer: dW = sum over samples and tokens of delta^T act,
+    # with delta = e B_2^T / N at every token
+    h = model.tokens(x)
+    h1 = h + model.blocks[0](h)
+    blk = model.blocks[1]
+    a = blk.ln1(h1)
+    mid = h1 + blk.attn(a, a, a, need_weights=False)[0]
+    act = blk.mlp[1](blk.mlp[0](blk.ln2(mid)))
+    h2 = h1 + blk(h1)
+    logits = model.head(model.norm(h2)[:, 0])
+    e = (torch.softmax(logits, -1) - F.one_hot(y, 3)) / len(y)
+    delta = (e @ rule.matrices[2].T)[:, None, :].expand(-1, act.shape[1], -1)
+    expected = torch.einsum("ntd,nth->dh", delta, act.detach())
+    assert torch.allclose(blk.mlp[2].weight.grad, expected)
+    # the head and the final norm learn from their own, true, local gradient
+    local = torch.autograd.grad(F.cross_entropy(model.head(model.norm(h2.detach())[:, 0]), y),
+                                model.head.weight)[0]
+    assert torch.allclose(model.head.weight.grad, local)
