@@ -51,6 +51,7 @@ from torch import nn
 
 from mbe_helpers.errors import MBEInputError
 from mbe_helpers.models import MLP, ResidualMLP, ViTMini
+from mbe_helpers import stream
 from mbe_helpers.stream import output_error
 
 RULES = ("bp", "fa", "dfa", "dfa_penalized", "dfa_shuffled", "frozen")
@@ -177,8 +178,8 @@ def _dfa_forward(model: nn.Module, x: torch.Tensor):
     trains that segment alone.  The head sees a detached last state and is
     trained by its own (true, local) gradient.
     """
-    if isinstance(model, ResidualMLP):
-        h = model.embed(x.flatten(1))
+    if isinstance(model, (ResidualMLP, ViTMini)):
+        h = stream.embed(model, x)
         outputs, branches = [h], []
         state = h.detach()
         for block in model.blocks:
@@ -186,17 +187,7 @@ def _dfa_forward(model: nn.Module, x: torch.Tensor):
             outputs.append(branch)
             branches.append(branch)
             state = state + branch.detach()
-        return outputs, branches, model.out_head(model.out_ln(state))
-    if isinstance(model, ViTMini):
-        h = model.tokens(x)
-        outputs, branches = [h], []
-        state = h.detach()
-        for block in model.blocks:
-            branch = block(state)
-            outputs.append(branch)
-            branches.append(branch)
-            state = state + branch.detach()
-        return outputs, branches, model.head(model.norm(state)[:, 0])
+        return outputs, branches, stream.readout(model, state)
     if isinstance(model, MLP):
         layers, outputs, state = list(model.net), [], x.flatten(1)
         for layer in layers[:-1]:
