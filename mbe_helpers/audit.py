@@ -36,12 +36,19 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mbe_helpers import crossfit
 from mbe_helpers.errors import MBEInputError
 
 EFFECT = 0.20
 WASHOUT = 0.10
+ALPHA = 0.05
 CLASSES = ("insufficient-data", "washout", "sign-inversion", "reverse-inversion",
-           "hidden-after-control", "survives", "weak-or-mixed")
+           "hidden-after-control", "survives", "weak-or-mixed", "inconclusive")
+ADJUSTMENTS = ("auto", "rank", "crossfit")
+INTERVALS = ("fisher-z", "percentile")
+MAX_PLACEBOS = 10_000
+#: Classes that claim the metric carries information beyond the controls.
+CLAIMS = ("survives", "hidden-after-control", "sign-inversion", "reverse-inversion")
 _CHUNK_ELEMENTS = 2_000_000  # bootstrap work is chunked to bound memory
 
 
@@ -77,6 +84,85 @@ def classify(raw: float, partial: float, effect: float = EFFECT, washout: float 
     if np.sign(raw) == np.sign(partial) and abs(partial) >= effect:
         return "survives"
     return "weak-or-mixed"
+
+
+OUTCOME_SENTENCES = {
+    "washout": "its raw association with the target vanishes once the controls are accounted "
+               "for, so it re-expresses what the controls already measure",
+    "survives": "it keeps an association of the same sign beyond the controls, so it carries "
+                "information of its own",
+    "weak-or-mixed": "it shows no clear association with the target, neither raw nor beyond "
+                     "the controls",
+    "hidden-after-control": "it shows no raw association, but one appears once the controls "
+                            "are accounted for",
+    "sign-inversion": "its negative raw association turns positive once the controls are "
+                      "accounted for",
+    "reverse-inversion": "its positive raw association turns negative once the controls are "
+                         "accounted for",
+    "insufficient-data": "too few complete runs were left to decide",
+    "inconclusive": "its point estimates suggest a class, but the evidence at this number of runs "
+                    "does not establish it",
+}
+"""What each outcome class of :func:`mbe_helpers.audit.classify` means, as a clause."""
+
+
+def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q: float,
+                           lo90: float, hi90: float, n: int, effect: float = EFFECT,
+                           washout: float = WASHOUT, alpha: float = ALPHA) -> tuple[str, str]:
+    r"""Outcome class that claims only what the evidence supports, and a note.
+
+    The point estimates first give the class of :func:`classify`; a class
+    that claims something then also needs its evidence, otherwise it is
+    ``inconclusive``:
+
+    * ``survives``, ``hidden-after-control``: the adjusted association is
+      significant after the table's FDR (``adjusted_q < alpha``);
+    * ``sign-inversion``, ``reverse-inversion``: that, and a significant raw
+      association (``raw_p < alpha``);
+    * ``washout``: a significant raw association and an adjusted association
+      shown to lie inside the washout band by an equivalence test (TOST at
+      ``alpha``: the 90 % interval ``[lo90, hi90]`` inside :math:`(-w, w)`).
+
+    The note of an inconclusive row says what would settle it: the smallest
+    effect detectable with 80 % power at this ``n`` (Fisher z) and the rows
+    needed for the observed one.
+
+    Examples
+    --------
+    >>> classify_with_evidence(0.5, 1e-6, 0.45, 1e-4, 0.3, 0.6, 100)
+    ('survives', '')
+    >>> classify_with_evidence(0.1, 0.4, 0.25, 0.08, 0.0, 0.5, 60)[0]
+    'inconclusive'
+    """
+    claimed = classify(raw, adjusted, effect, washout)
+    if claimed in ("insufficient-data", "weak-or-mixed"):
+        return claimed, ""
+    raw_ok = bool(raw_p < alpha)
+    if claimed == "washout":
+        if raw_ok and -washout < lo90 and hi90 < washout:
+            return claimed, ""
+        need = ("the raw association is not significant" if not raw_ok else
+                f"the adjusted 90 % interval [{lo90:+.2f}, {hi90:+.2f}] is not inside "
+                f"±{washout:.2f}")
+        return "inconclusive", f"washout not shown: {need}; {_rows_for_band(adjusted, washout, alpha)}"
+    adjusted_ok = bool(adjusted_q < alpha)
+    if adjusted_ok and (raw_ok or claimed in ("survives", "hidden-after-control")):
+        return claimed, ""
+    missing = "the adjusted association" if not adjusted_ok else "the raw association"
+    mde = crossfit.minimum_detectable_r(n, alpha)
+    needed = crossfit.rows_to_detect(adjusted, alpha)
+    return "inconclusive", (f"{claimed} not shown: {missing} is not significant; at n = {n} the "
+                            f"smallest |rho| detectable with 80 % power is {mde:.2f}, and "
+                            f"|rho| = {abs(adjusted):.2f} would need about {needed} rows")
+
+
+def _rows_for_band(adjusted: float, washout: float, alpha: float) -> str:
+    """How many rows a TOST needs to put an estimate inside the washout band."""
+    gap = washout - abs(adjusted)
+    if not np.isfinite(gap) or gap <= 0:
+        return f"the adjusted estimate {adjusted:+.2f} is itself outside ±{washout:.2f}"
+    rows = int(np.ceil((stats.norm.ppf(1 - alpha) / np.arctanh(gap)) ** 2 + 3))
+    return f"about {rows} rows would show it"
 
 
 # --------------------------------------------------------------------------- #
@@ -358,8 +444,17 @@ def _resample_weights(n: int, n_boot: int, clusters: np.ndarray | None,
 
 
 def _bootstrap(design: _Design, n_boot: int, clusters: np.ndarray | None,
-               rng: np.random.Generator, ci: float) -> dict[str, float]:
-    """Percentile intervals of raw, partial and their difference (partial - raw)."""
+               rng: np.random.Generator, ci: float, interval: str = "fisher-z") -> dict[str, float]:
+    r"""Bootstrap intervals of raw, partial and their difference (partial - raw).
+
+    ``interval="fisher-z"`` (default): the resamples give a standard error on
+    the Fisher-z scale, and the interval is
+    :math:`\tanh(\operatorname{atanh}\hat r \pm z_{(1+c)/2}\,\mathrm{sd}^*)`
+    (for ``diff``: :math:`\hat d \pm z\,\mathrm{sd}^*`). It always holds its own
+    estimate; percentile intervals of rank correlations do not (bootstrap
+    duplicates make ties, which pull every resampled rho towards zero).
+    ``"percentile"``: the plain percentile interval (the published tables).
+    """
     per_resample = design.n * (design.k + 4)
     chunk = max(1, _CHUNK_ELEMENTS // per_resample)
     raws, partials = [], []
@@ -369,35 +464,58 @@ def _bootstrap(design: _Design, n_boot: int, clusters: np.ndarray | None,
         raws.append(raw)
         partials.append(partial)
     raw, partial = np.concatenate(raws), np.concatenate(partials)
-    tails = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
+    point_raw, point_partial = (float(v[0]) for v in _rank_correlations(design, np.ones((1, design.n))))
     out = {}
-    for name, values in (("raw", raw), ("partial", partial), ("diff", partial - raw)):
-        values = values[~np.isnan(values)]
-        lo, hi = np.percentile(values, tails) if len(values) else (np.nan, np.nan)
-        out[f"{name}_lo"], out[f"{name}_hi"] = float(lo), float(hi)
+    for name, values, point in (("raw", raw, point_raw), ("partial", partial, point_partial),
+                                ("diff", partial - raw, point_partial - point_raw)):
+        out[f"{name}_lo"], out[f"{name}_hi"] = _interval(values, point, ci, interval,
+                                                         correlation=name != "diff")
     return out
+
+
+def _interval(values: np.ndarray, point: float, ci: float, interval: str,
+              correlation: bool) -> tuple[float, float]:
+    """One bootstrap interval from the resampled values (NaN resamples ignored)."""
+    values = values[~np.isnan(values)]
+    if len(values) < 2 or np.isnan(point):
+        return float("nan"), float("nan")
+    if interval == "percentile":
+        lo, hi = np.percentile(values, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+        return float(lo), float(hi)
+    z = stats.norm.ppf((1 + ci) / 2)
+    if not correlation:
+        spread = z * np.std(values, ddof=1)
+        return float(point - spread), float(point + spread)
+    fisher = np.arctanh(np.clip(values, -0.999999, 0.999999))
+    centre = np.arctanh(np.clip(point, -0.999999, 0.999999))
+    spread = z * np.std(fisher, ddof=1)
+    return float(np.tanh(centre - spread)), float(np.tanh(centre + spread))
 
 
 def _permutation_p(design: _Design, n_perm: int, blocks: np.ndarray | None,
                    rng: np.random.Generator) -> float:
-    r"""Permutation p-value of the partial correlation.
+    r"""Freedman-Lane permutation p-value of the partial correlation.
 
-    The residualised metric :math:`e_M` is permuted (within blocks when given)
-    and correlated with :math:`e_Y`;
-    :math:`p = (1 + \#\{|r_\pi| \ge |r|\}) / (1 + n_{perm})`.
+    The target's rank residuals :math:`e_Y` are permuted (within blocks when
+    given) and residualised on the controls again, :math:`e_Y^{*} = (I - H) P e_Y`,
+    before they are correlated with :math:`e_M`;
+    :math:`p = (1 + \#\{|r^{*}| \ge |r|\}) / (1 + n_{perm})`. Correlating
+    permuted residuals without the second residualisation (Kennedy's scheme)
+    ignores that they are no longer orthogonal to the controls, which makes
+    the test anti-conservative at small n (7 % at n = 60 with 8 controls).
     """
-    ones = np.ones((1, design.n))
-    ranked = np.stack([stats.rankdata(design.metric), stats.rankdata(design.target)], axis=1)[None]
-    controls = None
+    ranked = np.stack([stats.rankdata(design.metric), stats.rankdata(design.target)], axis=1)
+    basis = np.ones((design.n, 1))
     if design.k:
-        controls = np.column_stack([stats.rankdata(c) for c in design.numeric.T]
-                                   + list(design.onehot.T)).reshape(1, design.n, -1)
-    res = weighted_residuals(ranked, controls, ones)[0]
+        z = np.column_stack([stats.rankdata(c) for c in design.numeric.T] + list(design.onehot.T))
+        basis = np.column_stack([basis, z])
+    q = np.linalg.qr(basis)[0][:, : np.linalg.matrix_rank(basis)]
+    res = ranked - q @ (q.T @ ranked)
     e_m, e_y = res[:, 0], res[:, 1]
-    denominator = np.linalg.norm(e_m) * np.linalg.norm(e_y)
-    if denominator == 0:
+    norm_m = np.linalg.norm(e_m)
+    if norm_m == 0 or np.linalg.norm(e_y) == 0:
         return float("nan")
-    observed = abs(e_m @ e_y) / denominator
+    observed = abs(e_m @ e_y) / (norm_m * np.linalg.norm(e_y))
     group = np.zeros(design.n) if blocks is None else pd.factorize(blocks)[0].astype(float)
     slots = np.argsort(group, kind="stable")
     exceed = 0
@@ -407,7 +525,9 @@ def _permutation_p(design: _Design, n_perm: int, blocks: np.ndarray | None,
         shuffled = np.argsort(group[slots] + rng.random((size, design.n)), axis=1)
         perms = np.empty((size, design.n), dtype=int)
         perms[:, slots] = slots[shuffled]
-        r_perm = np.abs(e_m[perms] @ e_y) / denominator
+        star = e_y[perms].T                                     # (n, size)
+        star = star - q @ (q.T @ star)
+        r_perm = np.abs(e_m @ star) / (norm_m * np.linalg.norm(star, axis=0))
         exceed += int(np.sum(r_perm >= observed - 1e-12))
     return (1 + exceed) / (1 + n_perm)
 
@@ -426,6 +546,12 @@ class _Settings:
     blocks: str | None
     seed: int
     ci: float
+    adjust: str = "auto"
+    folds: int = 5
+    placebos: int = 0
+    alpha: float = ALPHA
+    interval: str = "fisher-z"
+    draws: int = 999
 
 
 def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str],
@@ -440,7 +566,8 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
     mask = _complete_rows(frame, [metric, target, *controls, *extra])
     clean = frame.loc[mask]
     row = {"group": group, "metric": metric, "n": int(mask.sum()),
-           "n_dropped": int((~mask).sum()), "controls": ",".join(controls), "note": ""}
+           "n_dropped": int((~mask).sum()), "controls": ",".join(controls), "note": "",
+           "adjust": "rank" if settings.adjust == "rank" else settings.adjust}
     if strict:
         _require_rows(clean, metric, target, controls)
     else:
@@ -461,13 +588,68 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
                diff=partial - raw,
                classification=classify(raw, partial, settings.effect, settings.washout))
     rng = np.random.default_rng(settings.seed + index)
+    clusters = clean[settings.cluster].to_numpy() if settings.cluster else None
     if settings.bootstrap:
-        clusters = clean[settings.cluster].to_numpy() if settings.cluster else None
-        row.update(_bootstrap(design, settings.bootstrap, clusters, rng, settings.ci))
+        if clusters is not None and len(pd.unique(clusters)) < 2:
+            _note(row, f"only one cluster of {settings.cluster!r} here, so no cluster bootstrap")
+        else:
+            row.update(_bootstrap(design, settings.bootstrap, clusters, rng, settings.ci,
+                                  settings.interval))
     if settings.permutations:
         blocks = clean[settings.blocks].to_numpy() if settings.blocks else None
         row["perm_p"] = _permutation_p(design, settings.permutations, blocks, rng)
+    if settings.adjust != "rank":
+        row.update(_adjusted(clean, metric, target, controls, clusters, settings, rng, row))
     return row
+
+
+def _note(row: dict, text: str) -> None:
+    row["note"] = f"{row['note']}; {text}" if row.get("note") else text
+
+
+def _crossfit_problem(n: int, clusters: np.ndarray | None, folds: int, auto: bool) -> str:
+    """Why cross-fitting is not done on these rows ('' when it is)."""
+    units = n if clusters is None else len(pd.unique(clusters))
+    what = "rows" if clusters is None else "clusters"
+    if auto and n < crossfit.MIN_ROWS:
+        return f"{n} complete rows, cross-fitting needs at least {crossfit.MIN_ROWS}"
+    least = folds * (crossfit.MIN_PER_FOLD if auto else 2) if clusters is None else folds
+    if units < least:
+        return f"{units} {what} for {folds} folds, cross-fitting needs at least {least}"
+    return ""
+
+
+def _control_arrays(frame: pd.DataFrame, controls: list[str]) -> tuple:
+    numeric = [c for c in controls if _is_numeric(frame[c])]
+    categorical = [c for c in controls if not _is_numeric(frame[c])]
+    return (frame[numeric].to_numpy(dtype=float) if numeric else None,
+            frame[categorical].astype(str).to_numpy() if categorical else None)
+
+
+def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str],
+              clusters: np.ndarray | None, settings: _Settings, rng: np.random.Generator,
+              row: dict) -> dict:
+    """``adj_r, adj_p, adj_lo, adj_hi`` of the cross-fitted adjustment, or NaN with the reason."""
+    empty = dict(adj_r=np.nan, adj_p=np.nan, adj_lo=np.nan, adj_hi=np.nan)
+    problem = _crossfit_problem(len(clean), clusters, settings.folds, settings.adjust == "auto")
+    if problem:
+        adjust = "rank" if settings.adjust == "auto" else "crossfit"
+        _note(row, f"{'rank-linear adjustment' if adjust == 'rank' else 'no adjusted test'}: "
+                   f"{problem}")
+        return {**empty, "adjust": adjust}
+    try:
+        numeric, categorical = _control_arrays(clean, controls)
+        basis = crossfit.control_basis(numeric, categorical, n=len(clean))
+        folds = crossfit.fold_ids(len(clean), settings.folds, settings.seed, clusters)
+        responses = np.column_stack([clean[target].to_numpy(float), clean[metric].to_numpy(float)])
+        residuals, fits = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
+        test = crossfit.gcm_test(residuals[:, 1], residuals[:, 0], clusters, settings.ci)
+        p = crossfit.wild_gcm_p(residuals[:, 1], residuals[:, 0], fits, settings.draws, rng,
+                                clusters)[0]
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+        _note(row, f"the cross-fitted learner failed ({' '.join(str(exc).split())})")
+        return {**empty, "adjust": "crossfit"}
+    return dict(adj_r=test.r, adj_p=float(p), adj_lo=test.lo, adj_hi=test.hi, adjust="crossfit")
 
 
 def _group_problem(frame: pd.DataFrame, metric: str, target: str, controls: list[str]) -> str:
@@ -481,7 +663,8 @@ def _group_problem(frame: pd.DataFrame, metric: str, target: str, controls: list
 def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
           bootstrap: int = 0, permutations: int = 0, cluster: str | None = None,
           blocks: str | None = None, seed: int = 0, effect: float = EFFECT,
-          washout: float = WASHOUT, ci: float = 0.95) -> AuditResult:
+          washout: float = WASHOUT, ci: float = 0.95, adjust: str = "auto", folds: int = 5,
+          placebos: int = 0, alpha: float = ALPHA, interval: str = "fisher-z") -> AuditResult:
     r"""Audit metrics against a target after controlling for baselines and design.
 
     Parameters
@@ -501,69 +684,136 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
         from the controls there, as are controls constant in the group).
         Group ``"all"`` is the pooled audit.
     bootstrap : int
-        Number of bootstrap resamples for percentile intervals of raw,
-        partial and ``diff = partial - raw`` (0 = none).
+        Number of bootstrap resamples for intervals of raw, partial and
+        ``diff = partial - raw`` (0 = none).
     permutations : int
-        Number of permutations of the residualised metric for ``perm_p``.
+        Number of Freedman-Lane permutations for ``perm_p``.
     cluster : str, optional
-        Resample whole groups of rows (e.g. one configuration over seeds).
+        Resample whole groups of rows (e.g. one configuration over seeds);
+        the cross-fitting keeps them in one fold and its test uses their
+        cluster-robust variance.
     blocks : str, optional
         Permute only within the levels of this column.
     seed : int
-        Seed of the bootstrap and permutation generator.
+        Seed of the bootstrap, permutations, folds and placebos.
     effect, washout : float
         Thresholds of :func:`classify`.
     ci : float
-        Coverage of the bootstrap intervals.
+        Coverage of the intervals.
+    adjust : {"auto", "rank", "crossfit"}
+        ``"rank"``: the published MBE, classes from the point estimates
+        (:func:`classify`). ``"crossfit"``: the cross-fitted nonlinear
+        adjustment of :mod:`mbe_helpers.crossfit` decides, and classes need
+        evidence (:func:`classify_with_evidence`). ``"auto"``: crossfit where
+        a metric has at least 40 complete rows and 8 per fold (clusters: at
+        least ``folds`` of them), otherwise the rank-linear adjustment with a
+        note; classes need evidence either way.
+    folds : int
+        Folds of the cross-fitting.
+    placebos : int
+        Noise and proxy placebos per audited group for
+        :attr:`AuditResult.calibration` (0 = none; 200 is a good check).
+    alpha : float
+        Level of the evidence rules and of the placebo calibration.
+    interval : {"fisher-z", "percentile"}
+        Bootstrap interval type (see :func:`_bootstrap`).
 
     Returns
     -------
     AuditResult
         ``.table`` has one row per (group, metric) with ``n, n_dropped,
         raw_r, raw_p, partial_r, partial_p, diff, classification, q`` (BH
-        q-values of ``partial_p`` across the table) and, when requested,
-        ``raw_lo, raw_hi, partial_lo, partial_hi, diff_lo, diff_hi, perm_p,
-        perm_q``.
+        q-values of ``partial_p`` across the table), ``adj_r, adj_p, adj_lo,
+        adj_hi, adj_q`` (the cross-fitted adjustment; NaN with the reason in
+        ``note`` where not computed), ``adjust`` (which adjustment decided the
+        class) and, when requested, ``raw_lo, raw_hi, partial_lo, partial_hi,
+        diff_lo, diff_hi, perm_p, perm_q``. ``.calibration`` holds the
+        placebo rejection rates.
 
     Raises
     ------
     MBEInputError
         One sentence naming the problem: unknown column, target listed as a
-        metric, non-numeric metric, a constant column, too few complete rows.
+        metric, non-numeric metric, a constant column, too few complete rows,
+        a bad setting.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.uniform(-2.5, 2.5, 400)
+    >>> runs = pd.DataFrame({"b": b, "m": b**2 + rng.normal(0, .2, 400),
+    ...                      "y": b**2 + rng.normal(0, .4, 400)})
+    >>> rank = audit(runs, "m", "y", "b", adjust="rank")
+    >>> rank.classification("m"), round(float(rank.table.partial_r[0]), 2)
+    ('survives', 0.95)
+    >>> audit(runs, "m", "y", "b").table.adjust[0]
+    'crossfit'
     """
     df = _as_frame(df)
     metrics, controls = _names(metrics, "metrics"), _names(controls, "controls")
     settings = _check_settings(bootstrap, permutations, effect, washout, ci, seed,
-                               cluster, blocks)
+                               cluster, blocks, adjust, folds, placebos, alpha, interval)
     _check_request(df, metrics, target, controls, groupby, cluster)
     if blocks and blocks not in df.columns:
         raise MBEInputError(f"unknown column {blocks!r} for blocks; available columns: "
                             f"{', '.join(map(str, df.columns))}")
     if len(set(metrics)) != len(metrics):
         raise MBEInputError("a metric is listed twice; list each metric once")
-    rows = [_audit_one(df, m, target, controls, "all", settings, True, i)
-            for i, m in enumerate(metrics)]
+    _check_folds_and_clusters(df, settings)
+    groups = [("all", df, controls, True)]
     if groupby:
         inner = [c for c in controls if c != groupby]
-        for level, frame in df.groupby(groupby, sort=True):
-            rows += [_audit_one(frame, m, target, inner, f"{groupby}={level}", settings, False, i)
-                     for i, m in enumerate(metrics)]
+        groups += [(f"{groupby}={level}", frame, inner, False)
+                   for level, frame in df.groupby(groupby, sort=True)]
+    rows = [_audit_one(frame, m, target, ctrl, name, settings, strict, i)
+            for name, frame, ctrl, strict in groups for i, m in enumerate(metrics)]
+    calibration = _placebo_table(groups, target, settings)
     return AuditResult(table=_finish_table(rows, settings), data=df, metrics=metrics,
                        target=target, controls=controls, groupby=groupby,
-                       settings=vars(settings))
+                       settings=vars(settings), calibration=calibration)
 
 
-def _check_settings(bootstrap, permutations, effect, washout, ci, seed, cluster, blocks) -> _Settings:
-    for name, value in (("bootstrap", bootstrap), ("permutations", permutations), ("seed", seed)):
+def _check_folds_and_clusters(df: pd.DataFrame, settings: _Settings) -> None:
+    """Refuse a cluster bootstrap over one cluster and more folds than rows or clusters."""
+    units, what = len(df), "rows"
+    if settings.cluster:
+        units, what = df[settings.cluster].nunique(dropna=True), f"clusters of {settings.cluster!r}"
+        if settings.bootstrap and units < 2:
+            raise MBEInputError(f"a cluster bootstrap needs at least 2 clusters, but "
+                                f"{settings.cluster!r} has {units}; drop cluster= or pool more runs")
+    if settings.adjust == "crossfit" and settings.folds > units:
+        raise MBEInputError(f"folds={settings.folds} but there are only {units} {what}; "
+                            f"use at most {units} folds")
+
+
+def _check_settings(bootstrap, permutations, effect, washout, ci, seed, cluster, blocks,
+                    adjust="auto", folds=5, placebos=0, alpha=ALPHA, interval="fisher-z") -> _Settings:
+    for name, value in (("bootstrap", bootstrap), ("permutations", permutations), ("seed", seed),
+                        ("placebos", placebos), ("folds", folds)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise MBEInputError(f"{name} must be a non-negative integer, got {value!r}")
+    for name, value in (("effect", effect), ("washout", washout), ("ci", ci), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise MBEInputError(f"{name} must be a number, got {value!r}")
     if not 0 < washout <= effect < 1:
         raise MBEInputError(f"thresholds must satisfy 0 < washout <= effect < 1, "
                             f"got washout={washout}, effect={effect}")
     if not 0 < ci < 1:
         raise MBEInputError(f"ci must be a coverage between 0 and 1, got {ci}")
+    if not 0 < alpha < 0.5:
+        raise MBEInputError(f"alpha must be a level between 0 and 0.5, got {alpha}")
+    if adjust not in ADJUSTMENTS:
+        raise MBEInputError(f"unknown adjust {adjust!r}; choose one of {', '.join(ADJUSTMENTS)}")
+    if interval not in INTERVALS:
+        raise MBEInputError(f"unknown interval {interval!r}; choose one of {', '.join(INTERVALS)}")
+    if folds < 2:
+        raise MBEInputError(f"folds must be at least 2 (cross-fitting needs a held-out fold), got {folds}")
+    if placebos > MAX_PLACEBOS:
+        raise MBEInputError(f"placebos={placebos} is more than the limit of {MAX_PLACEBOS}; "
+                            "200 already measures a rejection rate to about ±3 points")
     return _Settings(effect, washout, int(bootstrap), int(permutations), cluster, blocks,
-                     int(seed), ci)
+                     int(seed), ci, adjust, int(folds), int(placebos), float(alpha), interval)
 
 
 def _finish_table(rows: list[dict], settings: _Settings) -> pd.DataFrame:
@@ -571,10 +821,220 @@ def _finish_table(rows: list[dict], settings: _Settings) -> pd.DataFrame:
     table["q"] = bh_qvalues(table["partial_p"])
     if settings.permutations:
         table["perm_q"] = bh_qvalues(table["perm_p"])
+    if settings.adjust != "rank":
+        for column in ("adj_r", "adj_p", "adj_lo", "adj_hi"):
+            if column not in table:
+                table[column] = np.nan
+        table["adj_q"] = bh_qvalues(table["adj_p"])
+        _evidence_classes(table, settings)
     first = ["group", "metric", "n", "n_dropped", "raw_r", "raw_p", "partial_r", "partial_p",
              "diff", "classification"]
     rest = [c for c in table.columns if c not in first and c not in ("controls", "note")]
     return table[first + rest + ["controls", "note"]]
+
+
+_Z90_OVER_Z95 = stats.norm.ppf(0.95) / stats.norm.ppf(0.975)
+
+
+def _evidence_classes(table: pd.DataFrame, settings: _Settings) -> None:
+    """Replace the threshold classes by evidence classes (in place), with notes."""
+    for i, row in table.iterrows():
+        if row.classification == "insufficient-data" and np.isnan(row.raw_r):
+            continue
+        if row.adjust == "crossfit":
+            estimate, q, lo90, hi90 = row.adj_r, row.adj_q, *_narrow(row.adj_r, row.adj_lo, row.adj_hi)
+        else:
+            k = len([c for c in str(row.controls).split(",") if c])
+            estimate, q = row.partial_r, row.q
+            lo90, hi90 = _fisher_interval(row.partial_r, row.n - 3 - k, 0.90)
+        cls, note = classify_with_evidence(row.raw_r, row.raw_p, estimate, q, lo90, hi90,
+                                           int(row.n), settings.effect, settings.washout,
+                                           settings.alpha)
+        notes = [row.note] if row.note else []
+        rank_cls = classify(row.raw_r, row.partial_r, settings.effect, settings.washout)
+        if row.adjust == "crossfit" and rank_cls != cls and not np.isnan(row.adj_r):
+            notes.append(_disagreement(rank_cls, cls))
+        table.at[i, "classification"] = cls
+        table.at[i, "note"] = "; ".join(notes + ([note] if note else []))
+
+
+def _narrow(r: float, lo: float, hi: float) -> tuple[float, float]:
+    """The 90 % interval from a symmetric 95 % Fisher-z interval."""
+    if np.isnan(r):
+        return float("nan"), float("nan")
+    centre = np.arctanh(np.clip(r, -0.999999, 0.999999))
+    lower = centre - (centre - np.arctanh(np.clip(lo, -0.999999, 0.999999))) * _Z90_OVER_Z95
+    upper = centre + (np.arctanh(np.clip(hi, -0.999999, 0.999999)) - centre) * _Z90_OVER_Z95
+    return float(np.tanh(lower)), float(np.tanh(upper))
+
+
+def _fisher_interval(r: float, dof: int, level: float) -> tuple[float, float]:
+    if np.isnan(r) or dof <= 0:
+        return float("nan"), float("nan")
+    half = stats.norm.ppf(0.5 + level / 2) / np.sqrt(dof)
+    centre = np.arctanh(np.clip(r, -0.999999, 0.999999))
+    return float(np.tanh(centre - half)), float(np.tanh(centre + half))
+
+
+def _disagreement(rank_cls: str, cls: str) -> str:
+    """One sentence for a row whose rank-linear and nonlinear adjustments disagree."""
+    text = f"rank-linear control says {rank_cls}; after nonlinear adjustment {cls}"
+    if rank_cls in CLAIMS and cls not in CLAIMS:
+        return (text + ": the association is gone or unproven, so the metric may follow a "
+                "nonlinear function of the controls")
+    if cls in CLAIMS and rank_cls not in CLAIMS:
+        return text + ": a nonlinear dependence on the controls was hiding the association"
+    return text
+
+
+# --------------------------------------------------------------------------- #
+# Placebo self-calibration                                                    #
+# --------------------------------------------------------------------------- #
+
+def wilson_interval(successes: int, total: int, level: float = 0.95) -> tuple[float, float]:
+    r"""Wilson score interval of a binomial proportion.
+
+    .. math:: \frac{\hat p + \frac{z^2}{2n} \pm z\sqrt{\frac{\hat p(1-\hat p)}{n}
+              + \frac{z^2}{4n^2}}}{1 + z^2/n}
+
+    Examples
+    --------
+    >>> [round(v, 3) for v in wilson_interval(10, 200)]
+    [0.027, 0.09]
+    """
+    if total <= 0:
+        return float("nan"), float("nan")
+    z = stats.norm.ppf(0.5 + level / 2)
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _placebo_table(groups, target: str, settings: _Settings) -> pd.DataFrame:
+    """Rejection rates of noise and proxy placebos, per audited group."""
+    columns = ["group", "kind", "adjust", "K", "rejections", "rate", "lo", "hi", "alpha", "note"]
+    if not settings.placebos:
+        return pd.DataFrame(columns=columns)
+    records = []
+    for index, (name, frame, controls, _) in enumerate(groups):
+        for record in _placebo_group(frame, target, controls, settings, index):
+            records.append({"group": name, **record})
+    table = pd.DataFrame(records, columns=columns)
+    for row in table.itertuples():
+        if row.lo > settings.alpha:
+            import warnings
+
+            warnings.warn(f"{row.group}: {row.note}", CalibrationWarning, stacklevel=3)
+    return table
+
+
+class CalibrationWarning(UserWarning):
+    """The audit's placebos rejected more often than alpha: its adjustment is not trustworthy here."""
+
+
+def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settings: _Settings,
+                   index: int) -> list[dict]:
+    extra = [settings.cluster] if settings.cluster else []
+    clean = frame.loc[_complete_rows(frame, [target, *controls, *extra])]
+    controls = [c for c in controls if c not in _constant_columns(clean, controls)]
+    rng = np.random.default_rng([settings.seed, 7919, index])
+    k = settings.placebos
+    numeric, categorical = _control_arrays(clean, controls)
+    kinds = {"noise": rng.standard_normal((len(clean), k)),
+             "proxy": proxy_placebos(numeric, categorical, k, rng)}
+    clusters = clean[settings.cluster].to_numpy() if settings.cluster else None
+    problem = (_crossfit_problem(len(clean), clusters, settings.folds, True)
+               if settings.adjust != "rank" else "rank")
+    adjust = "rank" if problem else "crossfit"
+    if len(clean) < len(controls) + 4 or clean[target].nunique() < 2:
+        return [dict(kind=kind, adjust=adjust, K=k, rejections=0, rate=np.nan, lo=np.nan,
+                     hi=np.nan, alpha=settings.alpha, note="too few rows for placebos")
+                for kind in kinds]
+    y = clean[target].to_numpy(float)
+    out = []
+    for kind, columns in kinds.items():
+        if adjust == "crossfit":
+            p = _crossfit_placebo_p(y, columns, numeric, categorical, clusters, settings, rng)
+        else:
+            p = _rank_placebo_p(y, columns, clean, controls)
+        rejections = int(np.sum(p < settings.alpha))
+        lo, hi = wilson_interval(rejections, k)
+        note = ""
+        if lo > settings.alpha:
+            note = (f"the adjustment is not trustworthy on this data: {rejections} of {k} {kind} "
+                    f"placebos rejected at alpha = {settings.alpha:g} (Wilson 95 % interval "
+                    f"{lo:.1%}-{hi:.1%} lies above alpha)")
+        out.append(dict(kind=kind, adjust=adjust, K=k, rejections=rejections, rate=rejections / k,
+                        lo=lo, hi=hi, alpha=settings.alpha, note=note))
+    return out
+
+
+def _crossfit_placebo_p(y, columns, numeric, categorical, clusters, settings, rng) -> np.ndarray:
+    basis = crossfit.control_basis(numeric, categorical, n=len(y))
+    folds = crossfit.fold_ids(len(y), settings.folds, settings.seed, clusters)
+    residuals, fits = crossfit.crossfit_residuals(basis, np.column_stack([y, columns]), folds, keep=0)
+    return crossfit.wild_gcm_p(residuals[:, 1:], residuals[:, 0], fits, settings.draws, rng, clusters)
+
+
+def _rank_placebo_p(y, columns, clean, controls) -> np.ndarray:
+    """Rank-partial t-test p-values of many placebo columns against one target."""
+    numeric, categorical = _control_arrays(clean, controls)
+    ranks = [] if numeric is None else [stats.rankdata(c) for c in numeric.T]
+    if categorical is not None:
+        ranks += list(pd.get_dummies(pd.DataFrame(categorical), drop_first=True).to_numpy(float).T)
+    z = np.column_stack([np.ones(len(y)), *ranks])
+    q = np.linalg.qr(z)[0][:, : np.linalg.matrix_rank(z)]
+    ranked = np.column_stack([stats.rankdata(y), stats.rankdata(columns, axis=0)])
+    res = ranked - q @ (q.T @ ranked)
+    e_y, e_p = res[:, 0], res[:, 1:]
+    r = (e_p.T @ e_y) / (np.linalg.norm(e_p, axis=0) * np.linalg.norm(e_y))
+    dof = len(y) - 2 - (q.shape[1] - 1)
+    t = r * np.sqrt(dof / np.maximum(1 - r * r, 1e-300))
+    return 2 * stats.t.sf(np.abs(t), dof)
+
+
+def proxy_placebos(numeric: np.ndarray | None, categorical: np.ndarray | None, k: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    r"""``k`` random smooth nonlinear functions of the controls plus independent noise.
+
+    Each column draws up to three numeric controls (ranks :math:`u`) with
+    :math:`a \sin(2\pi \omega u + \phi) + b (u - c)^2`, a product of two of
+    them with probability 1/2, a random offset per level of every categorical
+    control and a random slope per level on one numeric control; the sum is
+    standardised and gets noise of standard deviation :math:`\sigma \sim
+    U(0.2, 1)`. A target is conditionally independent of such a column given
+    the controls by construction, so a calibrated test rejects it at rate
+    alpha.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> proxy_placebos(np.arange(50.0)[:, None], None, 3, np.random.default_rng(0)).shape
+    (50, 3)
+    """
+    n = len(numeric) if numeric is not None else len(categorical) if categorical is not None else 0
+    u = (np.column_stack([stats.rankdata(c) / n for c in numeric.T])
+         if numeric is not None else np.empty((n, 0)))
+    codes = ([pd.factorize(c)[0] for c in categorical.T] if categorical is not None else [])
+    out = np.zeros((n, k))
+    for j in range(k):
+        f = np.zeros(n)
+        if u.shape[1]:
+            chosen = rng.choice(u.shape[1], size=min(3, u.shape[1]), replace=False)
+            for c in chosen:
+                omega, phase, centre = rng.uniform(0.3, 1.5), rng.uniform(0, 2 * np.pi), rng.uniform()
+                f += rng.normal() * np.sin(2 * np.pi * omega * u[:, c] + phase)
+                f += rng.normal() * 4 * (u[:, c] - centre) ** 2
+            if len(chosen) > 1 and rng.random() < 0.5:
+                f += 4 * rng.normal() * (u[:, chosen[0]] - .5) * (u[:, chosen[1]] - .5)
+        for code in codes:
+            f += rng.normal(size=code.max() + 1)[code]
+            if u.shape[1]:
+                f += rng.normal(size=code.max() + 1)[code] * (u[:, rng.integers(u.shape[1])] - .5)
+        f = (f - f.mean()) / f.std() if f.std() > 0 else f
+        out[:, j] = f + rng.uniform(0.2, 1.0) * rng.standard_normal(n)
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -582,7 +1042,8 @@ def _finish_table(rows: list[dict], settings: _Settings) -> pd.DataFrame:
 # --------------------------------------------------------------------------- #
 
 _SHOWN = ["group", "metric", "n", "n_dropped", "raw_r", "raw_lo", "raw_hi", "partial_r", "partial_lo",
-          "partial_hi", "partial_p", "perm_p", "q", "classification"]
+          "partial_hi", "partial_p", "perm_p", "q", "adj_r", "adj_lo", "adj_hi", "adj_p", "adj_q",
+          "adjust", "classification"]
 
 
 @dataclass
@@ -601,6 +1062,7 @@ class AuditResult:
     controls: list[str]
     groupby: str | None = None
     settings: dict = field(default_factory=dict)
+    calibration: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def to_frame(self) -> pd.DataFrame:
         """A copy of the table (one row per group and metric)."""
@@ -627,12 +1089,24 @@ class AuditResult:
         return f"MBE audit: target {self.target!r}, controlling for {controls}"
 
     def _formatted(self) -> pd.DataFrame:
-        out = self._display().astype(object)
-        for col in out.columns:
-            if col.endswith("_p") or col in ("q", "perm_q"):
-                out[col] = [f"{v:.2g}" if pd.notna(v) else "–" for v in self.table[col]]
-            elif col.endswith(("_r", "_lo", "_hi")):
-                out[col] = [f"{v:+.3f}" if pd.notna(v) else "–" for v in self.table[col]]
+        """The shown columns as text; an interval pair becomes one ``[lo, hi]`` column."""
+        shown = self._display()
+        out = pd.DataFrame(index=shown.index)
+        for col in shown.columns:
+            values = self.table.loc[shown.index, col]
+            if col.endswith(("_lo", "_hi")):
+                continue
+            if col.endswith("_p") or col in ("q", "perm_q", "adj_q"):
+                out[col] = [f"{v:.2g}" if pd.notna(v) else "–" for v in values]
+            elif col.endswith("_r"):
+                out[col] = [f"{v:+.2f}" if pd.notna(v) else "–" for v in values]
+                stem = col[:-2]
+                if f"{stem}_lo" in shown.columns:
+                    out[f"{stem}_ci"] = [f"[{lo:+.2f}, {hi:+.2f}]" if pd.notna(lo) else "–" for lo, hi
+                                         in zip(self.table.loc[shown.index, f"{stem}_lo"],
+                                                self.table.loc[shown.index, f"{stem}_hi"])]
+            else:
+                out[col] = values.astype(object)
         return out
 
     def to_markdown(self) -> str:
@@ -644,7 +1118,23 @@ class AuditResult:
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
         notes = self.table.loc[self.table.note != "", ["group", "metric", "note"]]
         lines += [""] + [f"- {r.group} / {r.metric}: {r.note}" for r in notes.itertuples()]
+        if len(self.calibration):
+            lines += ["", "**Placebo self-calibration** (rejections at alpha; Wilson 95 % interval)", "",
+                      "| group | kind | adjust | K | rejections | rate | interval | note |",
+                      "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {r.group} | {r.kind} | {r.adjust} | {r.K} | {r.rejections} | {r.rate:.1%} | "
+                      f"{r.lo:.1%}-{r.hi:.1%} | {r.note} |" for r in self.calibration.itertuples()]
+        elif not self.settings.get("placebos"):
+            lines += ["", "_No placebo self-calibration was run; `placebos=200` checks the "
+                      "adjustment on this data._"]
         return "\n".join(lines).rstrip() + "\n"
+
+    @property
+    def trustworthy(self) -> bool:
+        """False when some placebo kind rejected more often than alpha (Wilson lower bound)."""
+        if not len(self.calibration):
+            return True
+        return bool((self.calibration.lo.fillna(0) <= self.calibration.alpha).all())
 
     def _repr_html_(self) -> str:
         return (self._formatted().style.hide(axis="index")
@@ -655,7 +1145,7 @@ class AuditResult:
 
         colours = {"survives": "green", "washout": "red", "sign-inversion": "magenta",
                    "reverse-inversion": "magenta", "hidden-after-control": "yellow",
-                   "insufficient-data": "dim"}
+                   "insufficient-data": "dim", "inconclusive": "dim"}
         shown = self._formatted()
         table = Table(title=self._caption(), header_style="bold")
         for col in shown.columns:
@@ -666,7 +1156,19 @@ class AuditResult:
             style = colours.get(cells[-1], "")
             cells[-1] = f"[{style}]{cells[-1]}[/]" if style else cells[-1]
             table.add_row(*cells)
-        return table
+        if not len(self.calibration):
+            table.caption = ("no placebo self-calibration run: placebos=200 checks the adjustment "
+                             "on this data" if not self.settings.get("placebos") else None)
+            return table
+        from rich.console import Group
+
+        check = Table(title="Placebo self-calibration (rejections at alpha)", header_style="bold")
+        for col in ("group", "kind", "adjust", "K", "rate", "Wilson 95 %", "note"):
+            check.add_column(col, overflow="fold")
+        for r in self.calibration.itertuples():
+            check.add_row(r.group, r.kind, r.adjust, str(r.K), f"{r.rate:.1%}",
+                          f"{r.lo:.1%}-{r.hi:.1%}", f"[red]{r.note}[/]" if r.note else "ok")
+        return Group(table, check)
 
     def show(self, console=None) -> None:
         """Print the table in the terminal (rich)."""

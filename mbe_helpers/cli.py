@@ -8,7 +8,7 @@ Examples
     mbe-book run method -p n 200 -p seed 3 --profile smoke
     mbe-book build --profile default
     mbe-book audit runs.csv --metrics fim,sci --target acc --controls lr,wd,arch \\
-        --bootstrap 1000 --out report.md --out report.csv
+        --bootstrap 1000 --adjust auto --placebos 200 --out report.md --out report.csv
 
 Bad input (an unknown chapter, parameter, column or file) is reported in one
 sentence on stderr with exit status 2; a chapter or site build that fails
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for CIs (0: none)")
     p.add_argument("--permutations", type=int, default=0, help="permutations for the partial p (0: none)")
     p.add_argument("--cluster", default=None, help="resample whole groups of this column in the bootstrap")
+    p.add_argument("--adjust", default="auto", help="auto (default), rank (published MBE) or crossfit")
+    p.add_argument("--folds", type=int, default=5, help="folds of the cross-fitted adjustment")
+    p.add_argument("--placebos", type=int, default=200,
+                   help="noise and proxy placebos per group for the self-calibration (0: none)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--effect", type=float, default=0.20, help="|rho| that counts as an effect")
     p.add_argument("--washout", type=float, default=0.10, help="|partial rho| below which a metric washes out")
@@ -160,7 +164,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     runs = read_runs(args.csv)
     result = audit(runs, args.metrics, args.target, args.controls, groupby=args.groupby,
                    bootstrap=args.bootstrap, permutations=args.permutations, cluster=args.cluster,
-                   seed=args.seed, effect=args.effect, washout=args.washout)
+                   seed=args.seed, effect=args.effect, washout=args.washout, adjust=args.adjust,
+                   folds=args.folds, placebos=args.placebos)
     result.show(console=_console())
     for path in args.out:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +173,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             path.write_text(result.to_markdown(), encoding="utf-8")
         else:
             result.to_frame().to_csv(path, index=False)
+            if len(result.calibration):
+                calibration = path.with_name(path.stem + "_calibration.csv")
+                result.calibration.to_csv(calibration, index=False)
+                print(f"wrote {calibration}")
         print(f"wrote {path}")
     return 0
 

@@ -60,7 +60,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mbe_helpers.audit import AuditResult, audit
+from mbe_helpers.audit import OUTCOME_SENTENCES, AuditResult, audit
 from mbe_helpers.errors import MBEInputError
 
 FIM_SAMPLES = 256
@@ -369,7 +369,7 @@ def acid_test(frame: pd.DataFrame, metrics: Sequence[str], target: str = "test_a
         usable = [m for m in metrics if part[[m, target]].replace([np.inf, -np.inf], np.nan)
                   .dropna().pipe(lambda d: len(d) >= 4 and d[m].nunique() > 1)]
         result = audit(part, usable, target, bootstrap=bootstrap, cluster="condition",
-                       seed=seed) if usable else None
+                       seed=seed, adjust="rank") if usable else None
         table = result.table.set_index("metric") if result else pd.DataFrame()
         for metric in metrics:
             row = {"probe": probe, "metric": metric, "n_conditions": part.condition.nunique()}
@@ -500,6 +500,7 @@ def baseline_audits(frame: pd.DataFrame, metrics: Sequence[str], target: str, *,
     """
     sets = {"baseline": list(baseline), "design": list(design),
             "both": [*baseline, *design]}
+    kwargs.setdefault("adjust", "rank")   # the chapters move to the calibrated audit in issue 14
     return {name: audit(frame, list(metrics), target, controls, **kwargs)
             for name, controls in sets.items()}
 
@@ -544,6 +545,7 @@ def temporal_audit(frame: pd.DataFrame, metrics: Sequence[str], target: str,
         Tidy: ``epoch``, ``metric`` (without the epoch suffix) and the audit columns.
     """
     parts = []
+    kwargs.setdefault("adjust", "rank")
     for epoch in epochs:
         columns = [m for m in at(metrics, epoch) if m in frame] + list(fixed_metrics)
         result = audit(frame, columns, target, [f"{baseline}@{epoch}", *controls], **kwargs)
@@ -580,24 +582,6 @@ def rank_associations(frame: pd.DataFrame, column: str, others: Sequence[str]) -
 def varying(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     """The columns that take more than one value among the rows (constant ones cannot be controls)."""
     return [c for c in columns if c in frame and frame[c].nunique(dropna=True) > 1]
-
-
-OUTCOME_SENTENCES = {
-    "washout": "its raw association with the target vanishes once the controls are accounted "
-               "for, so it re-expresses what the controls already measure",
-    "survives": "it keeps an association of the same sign beyond the controls, so it carries "
-                "information of its own",
-    "weak-or-mixed": "it shows no clear association with the target, neither raw nor beyond "
-                     "the controls",
-    "hidden-after-control": "it shows no raw association, but one appears once the controls "
-                            "are accounted for",
-    "sign-inversion": "its negative raw association turns positive once the controls are "
-                      "accounted for",
-    "reverse-inversion": "its positive raw association turns negative once the controls are "
-                         "accounted for",
-    "insufficient-data": "too few complete runs were left to decide",
-}
-"""What each outcome class of :func:`mbe_helpers.audit.classify` means, as a clause."""
 
 
 def outcome_sentence(classification: str) -> str:

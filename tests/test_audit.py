@@ -129,7 +129,8 @@ def test_weighted_correlations_equal_explicit_resamples():
 
 def test_bootstrap_interval_equals_explicit_loop():
     df, n_boot, seed = ledger(n=50), 40, 7
-    table = audit(df, "m", "y", ["c1", "c2"], bootstrap=n_boot, seed=seed).table.iloc[0]
+    table = audit(df, "m", "y", ["c1", "c2"], bootstrap=n_boot, seed=seed,
+                  interval="percentile").table.iloc[0]
     draws = np.random.default_rng(seed).integers(0, len(df), size=(n_boot, len(df)))
     partials = [partial_rank_corr(df.iloc[d], "m", "y", ["c1", "c2"])[0] for d in draws]
     raws = [stats.spearmanr(df.m.iloc[d], df.y.iloc[d]).statistic for d in draws]

@@ -77,7 +77,7 @@ def test_audit_prints_table_and_writes_reports(capsys, runs_csv: Path, tmp_path:
     md, csv = tmp_path / "report.md", tmp_path / "out" / "report.csv"
     status = main(["audit", str(runs_csv), "--metrics", "loss_proxy,independent_signal",
                    "--target", "final_acc", "--controls", "early_loss,arch", "--bootstrap", "200",
-                   "--out", str(md), "--out", str(csv)])
+                   "--adjust", "rank", "--placebos", "0", "--out", str(md), "--out", str(csv)])
     assert status == 0
     out = capsys.readouterr().out
     assert "loss_proxy" in out and "washout" in out and "survives" in out
@@ -85,6 +85,34 @@ def test_audit_prints_table_and_writes_reports(capsys, runs_csv: Path, tmp_path:
     table = pd.read_csv(csv)
     assert list(table.metric) == ["loss_proxy", "independent_signal"]
     assert {"raw_lo", "partial_hi", "classification"} <= set(table.columns)
+
+
+def test_audit_calibrated_by_default_with_placebo_table(capsys, runs_csv: Path, tmp_path: Path) -> None:
+    md, csv = tmp_path / "report.md", tmp_path / "report.csv"
+    status = main(["audit", str(runs_csv), "--metrics", "loss_proxy,independent_signal",
+                   "--target", "final_acc", "--controls", "early_loss,arch", "--placebos", "50",
+                   "--out", str(md), "--out", str(csv)])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "Placebo self-calibration" in out and "crossfit" in out
+    assert "**Placebo self-calibration**" in md.read_text()
+    table = pd.read_csv(csv)
+    assert set(table.adjust) == {"crossfit"} and table.adj_r.notna().all()
+    assert table.set_index("metric").classification["independent_signal"] == "survives"
+    calibration = pd.read_csv(tmp_path / "report_calibration.csv")
+    assert set(calibration.kind) == {"noise", "proxy"} and (calibration.K == 50).all()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adjust", "spline"], "unknown adjust 'spline'; choose one of auto, rank, crossfit"),
+    (["--folds", "1"], "folds must be at least 2"),
+    (["--placebos", "-1"], "placebos must be a non-negative integer"),
+    (["--placebos", "100000"], "more than the limit of 10000"),
+])
+def test_audit_bad_calibration_flags(capsys, runs_csv: Path, flags, message) -> None:
+    status = main(["audit", str(runs_csv), "--metrics", "loss_proxy", "--target", "final_acc",
+                   "--controls", "early_loss", *flags])
+    assert status == 2 and message in one_error_line(capsys.readouterr().err)
 
 
 def test_audit_groupby_and_permutations(capsys, runs_csv: Path) -> None:
