@@ -207,10 +207,28 @@ def fold_ids(n: int, folds: int, seed: int = 0, clusters: np.ndarray | None = No
     return fold_of_cluster[codes]
 
 
-def _ridge_gcv_predict(train: np.ndarray, test: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _spectrum(x: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Thin SVD pieces of the centred training basis: ``u``, ``d`` and the test rows in ``V``.
+
+    With more columns than rows the eigendecomposition of the Gram matrix
+    :math:`X X^\top = U D^2 U^\top` is cheaper, and :math:`V = X^\top U D^{-1}`.
+    """
+    if x.shape[1] > x.shape[0]:
+        eigenvalues, u = np.linalg.eigh(x @ x.T)
+        eigenvalues, u = eigenvalues[::-1], u[:, ::-1]
+        keep = eigenvalues > max(eigenvalues[0], 0) * 1e-12
+        u, d = u[:, keep], np.sqrt(eigenvalues[keep])
+        return u, d, ((test @ x.T) @ u) / d
+    u, d, vt = np.linalg.svd(x, full_matrices=False)
+    keep = d > d[0] * 1e-6 if len(d) else d > 0
+    return u[:, keep], d[keep], test @ vt[keep].T
+
+
+def _ridge_gcv_predict(train: np.ndarray, test: np.ndarray, y: np.ndarray):
     """Out-of-fold predictions of every column of ``y`` (n_train, R) by ridge tuned by GCV.
 
-    Returns ``(test_predictions (n_test, R), gcv_scores (R,))``.
+    Returns ``(test_predictions (n_test, R), gcv_scores (R,), fit)``; ``fit``
+    predicts new response columns with the same penalties (see :func:`refit_residuals`).
     """
     mean_x, mean_y = train.mean(axis=0), y.mean(axis=0)
     x, yc = train - mean_x, y - mean_y
@@ -218,9 +236,7 @@ def _ridge_gcv_predict(train: np.ndarray, test: np.ndarray, y: np.ndarray) -> np
     if x.shape[1] == 0:
         return (np.broadcast_to(mean_y, (len(test), y.shape[1])).copy(), (yc**2).sum(0) / n,
                 (np.zeros((len(test), 0)), np.zeros((y.shape[1], 0)), np.zeros((n, 0))))
-    u, d, vt = np.linalg.svd(x, full_matrices=False)
-    keep = d > d[0] * 1e-8 if len(d) else d > 0
-    u, d, vt = u[:, keep], d[keep], vt[keep]
+    u, d, test_v = _spectrum(x, test - mean_x)
     a = u.T @ yc                                             # (r, R)
     total = (yc**2).sum(axis=0)                              # (R,)
     lam = _PENALTIES[:, None] * np.mean(d**2)                # (L, 1)
@@ -230,9 +246,8 @@ def _ridge_gcv_predict(train: np.ndarray, test: np.ndarray, y: np.ndarray) -> np
     gcv = n * np.maximum(rss, 0) / np.maximum(n - dof, 0.5) ** 2
     best = np.argmin(gcv, axis=0)                            # (R,)
     weights = d / (d**2 + lam[best])                         # (R, r)
-    beta = vt.T @ (weights.T * a)                            # (p, R)
-    operator = (test - mean_x) @ vt.T, weights, u           # predicts new columns with the same fit
-    return (test - mean_x) @ beta + mean_y, gcv[best, np.arange(y.shape[1])], operator
+    prediction = test_v @ (weights.T * a) + mean_y
+    return prediction, gcv[best, np.arange(y.shape[1])], (test_v, weights, u)
 
 
 def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.ndarray,

@@ -1,0 +1,171 @@
+"""The calibrated audit: cross-fitted adjustment, evidence classes, placebos, honest intervals."""
+
+import numpy as np
+import pandas as pd
+import pingouin as pg
+import pytest
+
+from mbe_helpers import MBEInputError, audit
+from mbe_helpers import crossfit
+from mbe_helpers.audit import CLAIMS, classify_with_evidence, wilson_interval
+from mbe_helpers.simulate import SCENARIOS
+
+
+def u_proxy(n, seed=0):
+    return SCENARIOS["u_proxy"].generate(np.random.default_rng(seed), n)
+
+
+def test_rank_audit_flags_the_u_proxy_and_crossfit_washes_it_out():
+    runs = u_proxy(2000)
+    rank = audit(runs, "metric", "target", "b", adjust="rank").table.iloc[0]
+    assert rank.classification == "survives" and rank.partial_r > 0.9
+    row = audit(runs, "metric", "target", "b", adjust="crossfit").table.iloc[0]
+    assert row.adjust == "crossfit" and abs(row.adj_r) < 0.06 and row.adj_p > 0.01
+    assert row.classification == "washout"
+    assert "rank-linear control says survives" in row.note
+
+
+def test_genuine_increment_survives_the_crossfit():
+    runs = SCENARIOS["nonlinear_increment"].generate(np.random.default_rng(3), 400)
+    row = audit(runs, "metric", "target", "b").table.iloc[0]
+    assert row.adjust == "crossfit" and row.classification == "survives"
+    assert row.adj_lo < row.adj_r < row.adj_hi and row.adj_lo > 0.2
+
+
+def test_rank_adjustment_still_equals_pingouin():
+    rng = np.random.default_rng(2)
+    df = pd.DataFrame(rng.normal(size=(150, 5)), columns=["m", "y", "c1", "c2", "c3"])
+    df["y"] += df.m + df.c1
+    table = audit(df, "m", "y", ["c1", "c2", "c3"], adjust="rank").table.iloc[0]
+    ref = pg.partial_corr(df, x="m", y="y", covar=["c1", "c2", "c3"], method="spearman")
+    assert abs(table.partial_r - ref["r"].iloc[0]) < 1e-10
+    assert abs(table.partial_p - ref["p_val"].iloc[0]) < 1e-10
+    assert "adj_r" not in table.index
+
+
+def test_auto_falls_back_to_rank_on_few_rows_with_a_note():
+    runs = u_proxy(30)
+    row = audit(runs, "metric", "target", "b").table.iloc[0]
+    assert row.adjust == "rank" and np.isnan(row.adj_r)
+    assert "rank-linear adjustment: 30 complete rows" in row.note
+
+
+def test_placebos_reject_near_alpha_on_a_null():
+    runs = SCENARIOS["interaction_proxy"].generate(np.random.default_rng(0), 300)
+    result = audit(runs, "metric", "target", ["lr", "optimizer"], placebos=200)
+    calibration = result.calibration.set_index("kind")
+    assert set(calibration.index) == {"noise", "proxy"}
+    assert (calibration.K == 200).all() and (calibration.adjust == "crossfit").all()
+    assert (calibration.rate < 0.1).all() and result.trustworthy
+
+
+def test_placebos_warn_when_the_adjustment_cannot_be_trusted():
+    runs = u_proxy(300)
+    with pytest.warns(UserWarning, match="not trustworthy"):
+        result = audit(runs, "metric", "target", "b", adjust="rank", placebos=200)
+    proxy = result.calibration.set_index("kind").loc["proxy"]
+    assert proxy.lo > 0.05 and "not trustworthy" in proxy.note and not result.trustworthy
+
+
+def test_placebo_table_is_per_group():
+    runs = SCENARIOS["interaction_proxy"].generate(np.random.default_rng(1), 400)
+    result = audit(runs, "metric", "target", ["lr", "optimizer"], groupby="optimizer", placebos=20)
+    assert sorted(set(result.calibration.group)) == ["all", "optimizer=adam", "optimizer=sgd"]
+
+
+def test_clustered_crossfit_keeps_clusters_in_one_fold():
+    folds = crossfit.fold_ids(50, 5, seed=0, clusters=np.arange(50) // 5)
+    assert all(len(set(folds[i * 5:(i + 1) * 5])) == 1 for i in range(10))
+
+
+def test_fisher_z_intervals_hold_their_estimate_even_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    df = pd.DataFrame({"m": x, "y": -x + 0.05 * rng.normal(size=40), "c": rng.normal(size=40)})
+    row = audit(df, "m", "y", "c", bootstrap=500, adjust="rank").table.iloc[0]
+    for name in ("raw", "partial"):
+        assert row[f"{name}_lo"] <= row[f"{name}_r"] <= row[f"{name}_hi"]
+
+
+def test_permutation_p_holds_its_size_at_small_n():
+    rng = np.random.default_rng(0)
+    frame = SCENARIOS["pure_noise_8"].generate(rng, 60)
+    controls = list(SCENARIOS["pure_noise_8"].controls)
+    noise = pd.DataFrame(rng.normal(size=(60, 150)), columns=[f"n{i}" for i in range(150)])
+    result = audit(pd.concat([frame, noise], axis=1), list(noise), "target", controls,
+                   permutations=199, adjust="rank")
+    assert (result.table.perm_p < 0.05).mean() <= 0.10
+
+
+def test_noise_metrics_do_not_get_claiming_classes():
+    rng = np.random.default_rng(5)
+    frame = SCENARIOS["pure_noise_8"].generate(rng, 60)
+    noise = pd.DataFrame(rng.normal(size=(60, 40)), columns=[f"n{i}" for i in range(40)])
+    table = audit(pd.concat([frame, noise], axis=1), list(noise), "target",
+                  list(SCENARIOS["pure_noise_8"].controls)).table
+    assert table.classification.isin(CLAIMS).mean() <= 0.05
+    threshold = audit(pd.concat([frame, noise], axis=1), list(noise), "target",
+                      list(SCENARIOS["pure_noise_8"].controls), adjust="rank").table
+    assert threshold.classification.isin(CLAIMS).mean() > table.classification.isin(CLAIMS).mean()
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((0.5, 1e-6, 0.45, 1e-4, 0.3, 0.6, 100), "survives"),
+    ((0.5, 1e-6, 0.45, 0.2, 0.3, 0.6, 100), "inconclusive"),
+    ((0.5, 1e-6, 0.01, 0.9, -0.05, 0.07, 900), "washout"),
+    ((0.5, 1e-6, 0.01, 0.9, -0.15, 0.17, 100), "inconclusive"),
+    ((0.5, 0.2, 0.01, 0.9, -0.05, 0.07, 900), "inconclusive"),
+    ((-0.4, 1e-4, 0.4, 1e-4, 0.2, 0.6, 100), "sign-inversion"),
+    ((-0.4, 0.3, 0.4, 1e-4, 0.2, 0.6, 100), "inconclusive"),
+    ((0.05, 0.6, 0.05, 0.6, -0.1, 0.2, 100), "weak-or-mixed"),
+])
+def test_evidence_rules(args, expected):
+    assert classify_with_evidence(*args)[0] == expected
+
+
+def test_inconclusive_note_names_the_detectable_effect():
+    cls, note = classify_with_evidence(0.1, 0.4, 0.25, 0.08, 0.0, 0.5, 60)
+    assert cls == "inconclusive" and "smallest |rho| detectable with 80 % power is 0.35" in note
+
+
+def test_wilson_matches_statsmodels_form():
+    lo, hi = wilson_interval(0, 200)
+    assert abs(lo) < 1e-12 and 0.018 < hi < 0.02
+
+
+def test_learner_failure_gives_a_nan_row_not_a_crash(monkeypatch):
+    runs = u_proxy(200).assign(other=lambda d: d.metric + 1)
+
+    def broken(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    monkeypatch.setattr(crossfit, "crossfit_residuals", broken)
+    table = audit(runs, ["metric", "other"], "target", "b").table
+    assert table.adj_r.isna().all() and table.note.str.contains("learner failed").all()
+    assert table.partial_r.notna().all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(adjust="spline"), "unknown adjust 'spline'; choose one of auto, rank, crossfit"),
+    (dict(folds=1), "folds must be at least 2"),
+    (dict(folds=500, adjust="crossfit"), "folds=500 but there are only 300 rows"),
+    (dict(placebos=-2), "placebos must be a non-negative integer"),
+    (dict(placebos=10**6), "more than the limit of 10000"),
+    (dict(interval="bca"), "unknown interval 'bca'"),
+    (dict(alpha=0.7), "alpha must be a level between 0 and 0.5"),
+    (dict(bootstrap=10, cluster="one"), "a cluster bootstrap needs at least 2 clusters"),
+])
+def test_bad_settings_one_sentence(kwargs, message):
+    runs = u_proxy(300).assign(one=1)
+    with pytest.raises(MBEInputError, match=message.replace("(", r"\(").replace("|", r"\|")):
+        audit(runs, "metric", "target", "b", **kwargs)
+
+
+def test_gcm_is_cluster_robust():
+    rng = np.random.default_rng(0)
+    clusters = np.arange(400) // 10
+    shared = rng.normal(size=(2, 40))[:, clusters]
+    naive = crossfit.gcm_test(shared[0] + rng.normal(size=400), shared[1] + rng.normal(size=400))
+    robust = crossfit.gcm_test(shared[0] + rng.normal(size=400), shared[1] + rng.normal(size=400),
+                               clusters)
+    assert robust.dof == 39 and naive.dof == 399
