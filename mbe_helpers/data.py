@@ -128,6 +128,7 @@ def load_dataset(name: str = "digits", *, data_root: str | Path | None = None,
     Dataset
     """
     _check_arguments(name, seed, n_train, label_noise, val_fraction, test_fraction)
+    check_device(device)
     root = str(data_root if data_root is not None else os.environ.get("MBE_DATA_ROOT", "data"))
     splits = _standardised_splits(name, root, download, split_seed, val_fraction, test_fraction)
     x_tr, y_tr = splits["train"]
@@ -151,6 +152,44 @@ def load_dataset(name: str = "digits", *, data_root: str | Path | None = None,
         n_classes=n_classes, image_shape=splits["image_shape"],
         train_index=torch.as_tensor(index, dtype=torch.long),
         noisy=torch.as_tensor(noisy, dtype=torch.bool))
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; one sentence when it is unknown or this machine lacks it.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        ``cpu``, ``cuda`` / ``cuda:N`` (when that GPU is visible) or ``mps``
+        (when Apple's MPS backend is available).
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    MBEInputError
+        For any other name, and for a GPU this machine does not have.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise MBEInputError(f"unknown device {device!r}; use 'cpu', 'cuda' (or 'cuda:N') or 'mps'")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise MBEInputError(f"device {device!r} needs a CUDA GPU and none is visible here; "
+                                "use device='cpu'")
+        if (dev.index or 0) >= count:
+            raise MBEInputError(f"device {device!r} does not exist: this machine has {count} CUDA "
+                                f"GPU(s), cuda:0 to cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MBEInputError(f"device {device!r} needs Apple's MPS backend, which this machine "
+                            "lacks; use device='cpu'")
+    return dev
 
 
 def _check_arguments(name: str, seed: int, n_train: int | None, label_noise: float,

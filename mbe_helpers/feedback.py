@@ -42,6 +42,8 @@ Feedback matrices come from an explicit seed and are part of
 from __future__ import annotations
 
 import math
+import pickle
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -284,13 +286,57 @@ def save_checkpoint(path: str | Path, model: nn.Module, rule, **meta) -> None:
     torch.save({"model": model.state_dict(), "rule": rule.state_dict(), "meta": meta}, path)
 
 
+def _misfit(want: dict, got: dict) -> str:
+    """How saved weights ``got`` differ from a model's ``want``, in a few words."""
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shapes = [k for k in want if k in got and tuple(want[k].shape) != tuple(got[k].shape)]
+    parts = [f"{len(missing)} missing, e.g. {missing[0]!r}"] if missing else []
+    parts += [f"{len(extra)} unexpected, e.g. {extra[0]!r}"] if extra else []
+    parts += [f"{len(shapes)} of another shape, e.g. {shapes[0]!r} is "
+              f"{tuple(got[shapes[0]].shape)} there and {tuple(want[shapes[0]].shape)} here"
+              ] if shapes else []
+    return "; ".join(parts) or "incompatible tensors"
+
+
 def load_checkpoint(path: str | Path, model: nn.Module):
     """Load a checkpoint with ``weights_only=True``; returns ``(model, rule, meta)``.
 
     The rule comes back with the exact feedback matrices it trained with.
+
+    Raises
+    ------
+    MBEInputError
+        One sentence when the file is missing or unreadable, is refused
+        because it holds objects other than tensors (nothing in it is
+        executed), is not a checkpoint of :func:`save_checkpoint` (e.g. a
+        plain state dict), or holds weights of another architecture.
     """
-    state = torch.load(path, weights_only=True, map_location="cpu")
-    model.load_state_dict(state["model"])
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise MBEInputError(f"the checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as exc:  # its text would suggest the unsafe load: never shown
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise MBEInputError(f"the checkpoint {path} was refused because it holds objects other "
+                                f"than tensors ({found.group(1)}), and load_checkpoint never "
+                                "unpickles those") from None
+        raise MBEInputError(f"the checkpoint {path} could not be read as a torch file of tensors "
+                            "(a weights-only load refuses its contents)") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises KeyError, RuntimeError, EOFError...
+        raise MBEInputError(f"the checkpoint {path} could not be read as a torch file "
+                            f"({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not {"model", "rule", "meta"} <= set(state):
+        raise MBEInputError(f"{path} is not a checkpoint of save_checkpoint (it lacks 'model', "
+                            "'rule' and 'meta'); load a plain state dict with "
+                            "model.load_state_dict(torch.load(path, weights_only=True))")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise MBEInputError(f"the weights in {path} do not fit this {type(model).__name__} "
+                            f"({_misfit(model.state_dict(), state['model'])}); build the model "
+                            "with the architecture they were saved from") from None
     saved = state["rule"]
     rule = make_rule(saved["name"], seed=saved.get("seed", 0), penalty=saved.get("penalty", 0.0))
     if "matrices" in saved:

@@ -12,6 +12,13 @@ never parse as JSON, whereas a torn CSV row can parse as a valid row with a
 truncated number; (2) rows may have different keys (failed runs, new probes,
 a changed config space) without rewriting a header; (3) types and error
 texts round-trip exactly.  Use ``read_ledger(path).to_csv(...)`` for a CSV copy.
+
+Several runners may share one ledger (two terminals, two cluster jobs): each
+claims a config just before training it by taking an OS file lock
+(:mod:`filelock`) named after its hash in the folder ``.<ledger>.claims``,
+and skips configs another runner holds, waiting for their rows at the end.
+The operating system releases the lock of a killed process, so a claim never
+outlives its runner.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 import math
 import os
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from mbe_helpers.errors import MBEInputError
 
@@ -40,6 +49,7 @@ log = logging.getLogger(__name__)
 
 RunFn = Callable[[dict], dict]
 FINISHED = ("ok", "diverged")
+POLL_SECONDS = 0.2  # how often a runner looks for configs other runners finish
 
 
 # ---------------------------------------------------------------- sampling
@@ -226,7 +236,7 @@ def _read_at(fd: int, size: int, offset: int) -> bytes:
 
 
 def _drop_torn_tail(fd: int) -> None:
-    """Truncate a partial last line (left by a killed writer) before appending."""
+    """Before appending: end a complete last record with its lost newline, drop a torn one."""
     size = os.fstat(fd).st_size
     if size == 0 or _read_at(fd, 1, size - 1) == b"\n":
         return
@@ -235,11 +245,14 @@ def _drop_torn_tail(fd: int) -> None:
         start = max(0, end - 65536)
         cut = _read_at(fd, end - start, start).rfind(b"\n")
         if cut >= 0:
-            os.ftruncate(fd, start + cut + 1)
+            end = start + cut + 1
             break
         end = start
-    else:
-        os.ftruncate(fd, 0)
+    if _record(_read_at(fd, size - end, end))[0] is not None:
+        os.write(fd, b"\n")  # killed just before its newline: the record is whole
+        log.warning("completed the last ledger line, which had lost its newline")
+        return
+    os.ftruncate(fd, end)
     log.warning("dropped a torn last line of the ledger")
 
 
@@ -260,25 +273,65 @@ def append_records(path: str | Path, records: Sequence[Mapping[str, Any]]) -> No
         os.fsync(fd)
 
 
-def _ledger_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    lines = path.read_bytes().split(b"\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            where = "last" if number == len(lines) else f"line {number}"
-            log.warning("ignoring a torn ledger line (%s) in %s", where, path)
-    return rows
+def _record(line: bytes) -> tuple[dict | None, str]:
+    """A ledger line as a record, or ``None`` and why it is not one."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # JSONDecodeError, or UTF-8 cut mid-character
+        return None, "torn"
+    return (row, "") if isinstance(row, dict) else (None, "not a JSON object")
+
+
+class _LedgerReader:
+    """Reads a ledger incrementally: each :meth:`read` returns the records added since the last.
+
+    A last line without its newline counts when it is a whole record (its
+    newline is added by the next append; the empty line this leaves is skipped).
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.lines = path, 0, 0
+
+    def read(self, warn_tail: bool = True) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        *lines, tail = data.split(b"\n")
+        rows = []
+        for line in lines:
+            self.lines += 1
+            if line.strip():
+                rows.append(self._row(line, f"line {self.lines}"))
+        self.offset += len(data) - len(tail)
+        if tail.strip():
+            row, why = _record(tail)
+            if row is not None:
+                self.offset += len(tail)
+                rows.append(row)
+            elif warn_tail:
+                log.warning("ignoring the %s last line of %s", why, self.path)
+        return [r for r in rows if r is not None]
+
+    def _row(self, line: bytes, where: str) -> dict | None:
+        row, why = _record(line)
+        if row is None:
+            log.warning("ignoring a ledger line that is %s (%s) in %s", why, where, self.path)
+        return row
 
 
 def _latest_rows(path: Path) -> dict[str, dict]:
     """The latest row of every ``config_hash`` in the ledger, in order of first appearance."""
-    return {row.get("config_hash"): row for row in _ledger_rows(path)}
+    return {row.get("config_hash"): row for row in _LedgerReader(path).read()}
+
+
+def _ledger_path(path: str | Path) -> Path:
+    ledger = Path(path)
+    if ledger.is_dir():
+        raise MBEInputError(f"the ledger path {ledger} is a directory; give a file inside it, "
+                            f"e.g. {ledger / 'ledger.jsonl'}")
+    return ledger
 
 
 def _frame(rows: Sequence[dict], first: Sequence[str] = ()) -> pd.DataFrame:
@@ -291,8 +344,12 @@ def _frame(rows: Sequence[dict], first: Sequence[str] = ()) -> pd.DataFrame:
 
 
 def read_ledger(path: str | Path) -> pd.DataFrame:
-    """Read a ledger: one row per ``config_hash`` (its latest record), torn lines ignored."""
-    return _frame(list(_latest_rows(Path(path)).values()))
+    """Read a ledger: one row per ``config_hash`` (its latest record).
+
+    Torn lines and lines that are not JSON objects are skipped with a warning;
+    a last record that lost its newline is kept.
+    """
+    return _frame(list(_latest_rows(_ledger_path(path)).values()))
 
 
 # ---------------------------------------------------------------- running
@@ -342,11 +399,93 @@ def _error_text(exc: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 
-class _Runner:
-    """Driver side: retries, ledger appends and the progress bar."""
+class _Claims:
+    """Per-config file locks beside the ledger, so that concurrent runners split a grid.
 
-    def __init__(self, run_fn: RunFn, ledger: Path, retries: int, bar: Any):
+    A lock is an OS lock, released by the kernel when its process dies, so a
+    killed runner leaves no claim behind.  Whoever takes a lock re-reads the
+    ledger before running: the lock guards "not yet run", the ledger says "done".
+    """
+
+    def __init__(self, ledger: Path):
+        self.folder = ledger.with_name(f".{ledger.name}.claims")
+        self.held: dict[str, FileLock] = {}
+
+    def take(self, config_hash: str) -> bool:
+        if config_hash in self.held:
+            return True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.folder / f"{config_hash}.lock")
+        try:
+            lock.acquire(blocking=False)
+        except (Timeout, FileNotFoundError):  # held by another runner, or its folder just went
+            return False
+        self.held[config_hash] = lock
+        return True
+
+    def release(self, config_hash: str) -> None:
+        lock = self.held.pop(config_hash, None)
+        if lock is not None:
+            lock.release()
+            with contextlib.suppress(OSError):  # the row is in the ledger: the file may go
+                Path(lock.lock_file).unlink()
+
+    def close(self) -> None:
+        for config_hash in list(self.held):
+            self.release(config_hash)
+        with contextlib.suppress(OSError):  # only when no other runner uses it
+            self.folder.rmdir()
+
+
+def _window(pool: cf.Executor | None) -> int:
+    """Tasks claimed ahead of the workers: one in process, two per known worker otherwise."""
+    if pool is None:
+        return 1
+    client = getattr(pool, "_client", None)  # distributed's ClientExecutor
+    workers = (sum(client.nthreads().values()) if client is not None
+               else getattr(pool, "_max_workers", 0))
+    return 2 * workers if workers else sys.maxsize
+
+
+class _Runner:
+    """Driver side: claims, retries, ledger appends and the progress bar."""
+
+    def __init__(self, run_fn: RunFn, ledger: Path, retries: int, bar: Any,
+                 reader: _LedgerReader, done: set[str]):
         self.run_fn, self.ledger, self.retries, self.bar = run_fn, ledger, retries, bar
+        self.reader, self.done = reader, done
+        self.claims = _Claims(ledger)
+        self.waiting: dict[str, dict] = {}  # configs another runner holds
+
+    def _refresh(self) -> None:
+        """Every row appended since the start finishes its config (by this runner or another)."""
+        for row in self.reader.read(warn_tail=False):
+            self.done.add(row.get("config_hash"))
+            if self.waiting.pop(row.get("config_hash"), None) is not None:
+                self.bar.update(1)
+
+    def _claim(self, task: _Task) -> _Task | None:
+        """The part of ``task`` this runner now holds and nobody has finished."""
+        taken = []
+        for h, c in zip(task.hashes, task.configs):
+            if self.claims.take(h):
+                taken.append((h, c))
+            else:
+                self.waiting[h] = c
+        self._refresh()
+        for h, _ in taken:
+            if h in self.done:  # finished by another runner since this one started
+                self.claims.release(h)
+                self.bar.update(1)
+        mine = [(h, c) for h, c in taken if h not in self.done]
+        return _Task([h for h, _ in mine], [c for _, c in mine], task.attempt) if mine else None
+
+    def _retake(self) -> list[_Task]:
+        """Configs whose holder has since finished them are dropped; the rest are tried again."""
+        self._refresh()
+        tasks = [_Task([h], [c]) for h, c in self.waiting.items()]
+        self.waiting.clear()
+        return tasks
 
     def succeeded(self, task: _Task, records: list[dict]) -> None:
         now = _now()
@@ -359,12 +498,15 @@ class _Runner:
             for h, c in zip(task.hashes, task.configs):
                 self._record_failure(_Task([h], [c], task.attempt), exc)
             return
+        for h in task.hashes:
+            self.claims.release(h)
         self.bar.update(len(rows))
 
     def _record_failure(self, task: _Task, exc: BaseException) -> None:
         append_records(self.ledger, [{"config_hash": task.hashes[0], **task.configs[0],
                                       "status": "failed", "error": _error_text(exc),
                                       "attempts": task.attempt, "finished_at": _now()}])
+        self.claims.release(task.hashes[0])
         self.bar.update(1)
 
     def failed(self, task: _Task, exc: BaseException) -> list[_Task]:
@@ -380,40 +522,53 @@ class _Runner:
         self._record_failure(task, exc)
         return []
 
-    def inline(self, tasks: list[_Task]) -> None:
-        queue = list(tasks)
-        while queue:
-            task = queue.pop(0)
+    def _submit(self, pool: cf.Executor | None, task: _Task, running: dict) -> None:
+        """Start ``task`` on the pool, or run it here (``pool=None``) as a finished future."""
+        if pool is None:
+            future: cf.Future = cf.Future()
             try:
-                records = _call(self.run_fn, task.configs)
+                future.set_result(_call(self.run_fn, task.configs))
             except Exception as exc:  # noqa: BLE001 - any run failure is recorded
-                queue[:0] = self.failed(task, exc)
-                continue
-            self.succeeded(task, records)
+                future.set_exception(exc)
+            running[future] = task
+            return
+        try:
+            running[pool.submit(_call, self.run_fn, task.configs)] = task
+        except Exception as exc:  # noqa: BLE001 - e.g. a broken process pool
+            for retry in self.failed(task, exc):
+                self._submit(pool, retry, running)
 
-    def futures(self, executor: cf.Executor, tasks: list[_Task]) -> None:
-        running: dict[cf.Future, _Task] = {}
-
-        def submit(task: _Task) -> None:
-            try:
-                running[executor.submit(_call, self.run_fn, task.configs)] = task
-            except Exception as exc:  # noqa: BLE001 - e.g. a broken process pool
-                for retry in self.failed(task, exc):
-                    submit(retry)
-
-        for task in tasks:
-            submit(task)
-        while running:
-            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                task = running.pop(future)
-                try:
-                    records = future.result()
-                except Exception as exc:  # noqa: BLE001 - worker failures are recorded
-                    for retry in self.failed(task, exc):
-                        submit(retry)
+    def run(self, pool: cf.Executor | None, tasks: list[_Task]) -> None:
+        """Run ``tasks``, claiming each just before it starts; then wait for other runners."""
+        queue, running, window, next_poll = list(tasks), {}, _window(pool), 0.0
+        try:
+            while queue or running or self.waiting:
+                while queue and len(running) < window:
+                    task = self._claim(queue.pop(0))
+                    if task is not None:
+                        self._submit(pool, task, running)
+                if self.waiting and time.monotonic() >= next_poll:
+                    queue += self._retake()
+                    next_poll = time.monotonic() + POLL_SECONDS
+                if not running:
+                    if self.waiting and not queue:
+                        log.info("waiting for %d configs another runner is training",
+                                 len(self.waiting))
+                        time.sleep(POLL_SECONDS)
                     continue
-                self.succeeded(task, records)
+                done, _ = cf.wait(running, timeout=POLL_SECONDS if self.waiting else None,
+                                  return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    task = running.pop(future)
+                    try:
+                        records = future.result()
+                    except Exception as exc:  # noqa: BLE001 - worker failures are recorded
+                        for retry in self.failed(task, exc):
+                            self._submit(pool, retry, running)
+                        continue
+                    self.succeeded(task, records)
+        finally:
+            self.claims.close()
 
 
 def _without(record: Mapping[str, Any], key: str) -> dict:
@@ -498,6 +653,12 @@ def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
     rerun_failed : bool
         Rerun configs whose latest ledger status is ``failed``.
 
+    Notes
+    -----
+    Runners sharing a ledger split its configs: each claims a config just
+    before training it (see the module docstring) and waits at the end for
+    those other runners hold, so every runner returns every config.
+
     Returns
     -------
     DataFrame
@@ -505,7 +666,7 @@ def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
         ``status`` (``ok`` / ``diverged`` / ``failed``), the config, the record,
         ``attempts``, ``finished_at`` and, for failures, ``error``.
     """
-    ledger = Path(ledger_path)
+    ledger = _ledger_path(ledger_path)
     if ledger.suffix.lower() == ".csv":
         raise MBEInputError(f"the ledger {ledger} is JSON lines: name it with .jsonl and export "
                             "CSV with read_ledger(path).to_csv(...)")
@@ -513,18 +674,15 @@ def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
         raise MBEInputError(f"retries must be a non-negative integer, got {retries!r}")
     unique = {config_hash(c): c for c in _config_list(configs)}
     skip = FINISHED if rerun_failed else (*FINISHED, "failed")
-    done = {h for h, row in _latest_rows(ledger).items() if row.get("status") in skip}
+    reader = _LedgerReader(ledger)
+    latest = {row.get("config_hash"): row for row in reader.read()}
+    done = {h for h, row in latest.items() if row.get("status") in skip}
     pending = [(h, c) for h, c in unique.items() if h not in done]
     log.info("grid: %d configs, %d already in the ledger, %d to run",
              len(unique), len(unique) - len(pending), len(pending))
     with _executor(executor) as pool, \
             _progress_bar(len(unique), len(unique) - len(pending), progress) as bar:
-        runner = _Runner(run_fn, ledger, retries, bar)
-        tasks = _tasks(pending, run_fn)
-        if pool is None:
-            runner.inline(tasks)
-        else:
-            runner.futures(pool, tasks)
+        _Runner(run_fn, ledger, retries, bar, reader, done).run(pool, _tasks(pending, run_fn))
     latest = _latest_rows(ledger)
     config_keys = dict.fromkeys(k for c in unique.values() for k in c)
     return _frame([latest[h] for h in unique if h in latest], first=list(config_keys))

@@ -12,6 +12,10 @@ metrics and the FA diagnostics rely on:
   ``out_ln`` -> ``out_head``;
 * ``ViTMini``: ``patch_embed`` (+ CLS token and positions) -> ``blocks`` ->
   ``norm`` -> ``head`` (read on the CLS token).
+
+Every model checks its inputs (dtype and device of its weights, width or
+image shape) and says in one sentence (:class:`MBEInputError`) what does not
+fit, rather than failing deep inside a matrix product.
 """
 
 from __future__ import annotations
@@ -22,14 +26,51 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mbe_helpers.errors import MBEInputError
+
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 def make_activation(name: str) -> nn.Module:
     """Return a fresh activation module from its name (``tanh``, ``relu``, ``gelu``)."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+        raise MBEInputError(f"unknown activation {name!r}; choose one of "
+                            f"{', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]()
+
+
+def _check_inputs(model: nn.Module, x: torch.Tensor, weight: torch.Tensor, fits: bool,
+                  wanted: str) -> None:
+    """One sentence when ``x`` does not match the weights' dtype and device, or its shape."""
+    name = type(model).__name__
+    if x.dtype != weight.dtype:
+        raise MBEInputError(f"{name} has {weight.dtype} weights but got {x.dtype} inputs; "
+                            f"convert them with x.to({weight.dtype})")
+    if x.device != weight.device:
+        raise MBEInputError(f"{name} is on {weight.device} but got inputs on {x.device}; move "
+                            f"them with x.to('{weight.device}')")
+    if not fits:
+        got = (f"samples of shape {tuple(x.shape[1:])}" if x.dim() >= 2
+               else f"a tensor of shape {tuple(x.shape)}, which has no batch dimension")
+        raise MBEInputError(f"{name} takes {wanted}, got {got}")
+
+
+def _check_flat(model: nn.Module, x: torch.Tensor, first: nn.Linear) -> None:
+    features = first.in_features
+    _check_inputs(model, x, first.weight, x.dim() >= 2 and math.prod(x.shape[1:]) == features,
+                  f"{features} features per sample")
+
+
+def _check_images(model: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                  any_size: bool = False) -> None:
+    """Flat inputs of ``prod(image_shape)`` features, or images of ``image_shape``
+    (any height and width when ``any_size``)."""
+    shape = model.image_shape
+    per_sample = tuple(x.shape[1:])
+    fits = (x.dim() == 2 and per_sample[0] == math.prod(shape)) or (
+        x.dim() == 4 and (per_sample[0] == shape[0] if any_size else per_sample == shape))
+    _check_inputs(model, x, weight, fits, f"images of shape {shape} or {math.prod(shape)} flat "
+                  "features per sample")
 
 
 class MLP(nn.Module):
@@ -60,6 +101,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_flat(self, x, self.net[0])
         return self.net(x.flatten(1))
 
 
@@ -82,6 +124,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(c2, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(self, x, self.features[0].weight, any_size=True)
         if x.dim() == 2:
             x = x.view(-1, *self.image_shape)
         return self.head(self.features(x).flatten(1))
@@ -134,6 +177,7 @@ class ResidualMLP(nn.Module):
         return len(self.blocks)
 
     def forward(self, x: torch.Tensor, return_hidden: bool = False):
+        _check_flat(self, x, self.embed)
         h = self.embed(x.flatten(1))
         hidden = [h]
         for block in self.blocks:
@@ -176,7 +220,8 @@ class ViTMini(nn.Module):
         self.image_shape = tuple(image_shape)
         c, h, w = self.image_shape
         if h % patch or w % patch:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch size {patch}")
+            raise MBEInputError(f"image size {h}x{w} is not divisible by patch size {patch}; "
+                                "choose a patch size that divides both")
         n_patches = (h // patch) * (w // patch)
         self.patch_embed = nn.Conv2d(c, width, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -187,6 +232,7 @@ class ViTMini(nn.Module):
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Embed images (or flat inputs) as ``[CLS, patches] + positions``."""
+        _check_images(self, x, self.patch_embed.weight)
         if x.dim() == 2:
             x = x.view(-1, *self.image_shape)
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)

@@ -22,6 +22,12 @@ On a trained residual network and a fixed evaluation set:
     below ``frozen_margin``: the deep blocks added nothing.
 
 All norms are taken along the feature dimension (``norm(dim=-1)``).
+
+A diagnostic whose value is NaN or infinite (activations or gradients that
+overflowed, weights that are not finite, a batch with a zero mean gradient)
+gets the state ``nan`` with the reason, never ``ok``, and the report is then
+not at face value.  :func:`diagnose` refuses, in one sentence, inputs that are
+not finite, labels the model has no output for, and models it cannot run.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 from mbe_helpers.errors import MBEInputError
 from mbe_helpers.stream import check_contract, forward_stream, stream_gradients
 
-FIRES, OK, SKIPPED = "fires", "ok", "skipped"
+FIRES, OK, SKIPPED, NAN = "fires", "ok", "skipped", "nan"
 
 
 @dataclass(frozen=True)
@@ -119,27 +125,47 @@ class Diagnosis:
     # ---------------------------------------------------------------- verdicts
     @property
     def max_growth(self) -> float:
-        """Largest ratio of consecutive stream norms."""
-        r = np.asarray(self.residual_norms)
+        """Largest ratio of consecutive stream norms (NaN when a norm is not finite)."""
+        r = np.asarray(self.residual_norms, dtype=float)
+        if len(r) < 2 or not np.isfinite(r).all():
+            return float("nan")
         with np.errstate(divide="ignore", invalid="ignore"):
-            growth = r[1:] / r[:-1]
-        return float(np.nanmax(growth)) if len(growth) else float("nan")
+            return float(np.fmax.reduce(r[1:] / r[:-1]))  # 0/0 ignored, x/0 is inf
+
+    def _residual_growth(self) -> tuple[str, str]:
+        t, growth = self.thresholds, self.max_growth
+        if not np.isfinite(self.residual_norms).all():
+            return NAN, (f"stream norm of h_{_first_bad(self.residual_norms)} is not finite: the "
+                         "activations overflowed or the weights are not finite")
+        if math.isnan(growth):
+            return NAN, "no growth to measure: the model has no block, or its stream is zero"
+        return (FIRES if growth > t.max_growth else OK,
+                f"largest growth across a block {growth:.3g}x (limit {t.max_growth:g}x)")
+
+    def _gradient_floor(self) -> tuple[str, str]:
+        t, grads = self.thresholds, np.asarray(self.bp_grad_norms, dtype=float)
+        if not np.isfinite(grads).all():
+            return NAN, (f"BP-gradient norm of h_{_first_bad(grads)} is not finite: the "
+                         "gradients overflowed or the weights are not finite")
+        return (FIRES if grads.min() < t.grad_floor else OK,
+                f"smallest median |dL/dh| {grads.min():.2e} (floor {t.grad_floor:.0e})")
+
+    def _direction_stability(self) -> tuple[str, str]:
+        t, layer = self.thresholds, self.stability_layer
+        stab = self.stability[layer]
+        if not math.isfinite(stab):
+            return NAN, (f"cross-batch cosine at h_{layer} is NaN: a batch's mean gradient is "
+                         "zero or not finite, so it has no direction")
+        return (FIRES if stab > t.stability_ceiling else OK,
+                f"cross-batch cosine at h_{layer} {stab:.3f} (ceiling {t.stability_ceiling:.2f})")
 
     @property
     def verdicts(self) -> dict[str, tuple[str, str]]:
-        """``{diagnostic: (fires | ok | skipped, one-line reason)}``."""
+        """``{diagnostic: (fires | ok | skipped | nan, one-line reason)}``."""
         t = self.thresholds
-        growth, floor = self.max_growth, min(self.bp_grad_norms)
-        stab = self.stability[self.stability_layer]
-        out = {
-            "a_residual_growth": (FIRES if growth > t.max_growth else OK,
-                                  f"largest growth across a block {growth:.3g}x (limit {t.max_growth:g}x)"),
-            "b_bp_gradient_floor": (FIRES if floor < t.grad_floor else OK,
-                                    f"smallest median |dL/dh| {floor:.2e} (floor {t.grad_floor:.0e})"),
-            "c_direction_stability": (
-                FIRES if not stab <= t.stability_ceiling else OK,
-                f"cross-batch cosine at h_{self.stability_layer} {stab:.3f} (ceiling {t.stability_ceiling:.2f})"),
-        }
+        out = {"a_residual_growth": self._residual_growth(),
+               "b_bp_gradient_floor": self._gradient_floor(),
+               "c_direction_stability": self._direction_stability()}
         if self.frozen_baseline_acc is None:
             out["d_frozen_baseline"] = (SKIPPED, "no frozen-blocks accuracy given")
         else:
@@ -152,8 +178,9 @@ class Diagnosis:
 
     @property
     def verdict(self) -> str:
-        """``face value`` when no diagnostic fires, else which ones do."""
-        fired = [name for name, (state, _) in self.verdicts.items() if state == FIRES]
+        """``face value`` when no diagnostic fires or is NaN, else which ones do (NaN marked)."""
+        fired = [name if state == FIRES else f"{name} (nan)"
+                 for name, (state, _) in self.verdicts.items() if state in (FIRES, NAN)]
         return "face value" if not fired else "not at face value: " + ", ".join(fired)
 
     # ---------------------------------------------------------------- views
@@ -189,7 +216,7 @@ class Diagnosis:
         table = Table(title=f"FA diagnostics: {self.method} — {self.verdict}")
         for col in ("diagnostic", "state", "detail"):
             table.add_column(col)
-        colour = {FIRES: "red", OK: "green", SKIPPED: "dim"}
+        colour = {FIRES: "red", OK: "green", SKIPPED: "dim", NAN: "yellow"}
         for name, (state, why) in self.verdicts.items():
             table.add_row(name, f"[{colour[state]}]{state}[/]", why)
         return table
@@ -199,6 +226,46 @@ class Diagnosis:
         from rich.console import Console
 
         (console or Console()).print(self)
+
+
+def _first_bad(values) -> int:
+    """Index of the first value that is not finite."""
+    return int(np.flatnonzero(~np.isfinite(np.asarray(values, dtype=float)))[0])
+
+
+def _check_inputs(model, batches: list) -> None:
+    """One sentence for blocks that are not a list, or batches the model cannot be diagnosed on."""
+    blocks = model.blocks
+    if not (hasattr(blocks, "__len__") and hasattr(blocks, "__iter__")
+            and all(callable(b) for b in blocks)):
+        raise MBEInputError(f"{type(model).__name__}.blocks must be a list of residual branches "
+                            f"(e.g. an nn.ModuleList), got {type(blocks).__name__}")
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+                and all(isinstance(t, torch.Tensor) for t in batch)):
+            raise MBEInputError(f"eval_batches[{i}] must be a pair (x, y) of tensors, got "
+                                f"{type(batch).__name__}")
+        x, y = batch
+        if not torch.isfinite(x).all():
+            raise MBEInputError(f"eval_batches[{i}] holds {int((~torch.isfinite(x)).sum())} NaN or "
+                                "infinite inputs; drop or impute them before diagnosing")
+        if y.dtype != torch.long or y.dim() != 1 or len(y) != len(x):
+            raise MBEInputError(f"eval_batches[{i}] needs y as one class label (torch.long) per "
+                                f"sample of x, got {y.dtype} of shape {tuple(y.shape)} for "
+                                f"{len(x)} samples")
+    x0 = batches[0][0]
+    try:
+        with torch.no_grad():
+            n_out = forward_stream(model, x0)[1].shape[-1]
+    except RuntimeError as exc:  # e.g. a width or dtype the first layer does not take
+        raise MBEInputError(f"{type(model).__name__} cannot take eval_batches[0] (shape "
+                            f"{tuple(x0.shape)}, {x0.dtype}): "
+                            f"{' '.join(str(exc).splitlines()[0].split())}") from None
+    for i, (_, y) in enumerate(batches):
+        if len(y) and not 0 <= int(y.min()) <= int(y.max()) < n_out:
+            raise MBEInputError(f"labels in eval_batches[{i}] must lie between 0 and {n_out - 1} "
+                                f"(the model has {n_out} outputs), got {int(y.min())} to "
+                                f"{int(y.max())}")
 
 
 def _check_accuracy(name: str, value) -> float | None:
@@ -230,6 +297,14 @@ def diagnose(model, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], h
     stability_layer : int, optional
         Stream state judged by (c); default the middle one, ``(L + 1) // 2`` (at least 1).
     thresholds : Thresholds, optional
+
+    Raises
+    ------
+    MBEInputError
+        One sentence for a model without the stream contract or whose
+        ``blocks`` is not a list, batches that are not ``(x, y)`` tensor pairs,
+        non-finite inputs, labels outside the model's outputs, inputs the model
+        cannot take, and accuracies or a ``stability_layer`` out of range.
     """
     check_contract(model)
     headline_acc = _check_accuracy("headline_acc", headline_acc)
@@ -237,7 +312,9 @@ def diagnose(model, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], h
     batches = list(eval_batches)
     if not batches:
         raise MBEInputError("eval_batches is empty; give at least 2 disjoint (x, y) batches")
-    model.eval()
+    _check_inputs(model, batches)
+    if callable(getattr(model, "eval", None)):
+        model.eval()
     x0, y0 = batches[0]
     n_states = len(model.blocks) + 1
     layer = max(1, n_states // 2) if stability_layer is None else stability_layer

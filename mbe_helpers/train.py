@@ -1,4 +1,4 @@
-"""Training loops with probes at chosen epochs and divergence handling.
+r"""Training loops with probes at chosen epochs and divergence handling.
 
 Three layers, each usable on its own:
 
@@ -19,10 +19,23 @@ a *probe* is a list of metrics evaluated at chosen epochs.  Epoch ``e`` means
 its own keys), the built-in ``train_loss``, ``train_acc``, ``val_loss`` and
 ``val_acc`` at every probe epoch, the final ``train_loss``, ``val_loss``,
 ``val_acc``, ``test_loss`` and ``test_acc``, and ``status`` (``ok`` or
-``diverged``, with ``diverged_epoch``).  A run whose loss becomes NaN or inf
-stops at once and is recorded as diverged; its missing values are NaN.  A
-loss above :data:`MAX_LOSS` counts as diverged too: cross-entropy that large
-means the logits have blown up, even while they are still finite.
+``diverged``, with ``diverged_epoch``).
+
+Divergence is judged against the run itself.  With :math:`L_0` the training
+loss at initialisation (the whole training split) and :math:`C` the number of
+classes, a run diverges at the first epoch where a training loss (of any
+optimisation step, or of the whole training split at a probe epoch or at the
+end) is NaN, infinite or above
+
+.. math:: \text{limit} = 10 \, \max(L_0, \ln C)
+
+(:data:`DIVERGENCE_FACTOR` = 10), or where the validation loss is not
+finite.  :math:`\ln C` is the loss of uniform predictions, so a model that
+starts near-perfect is not judged by its tiny :math:`L_0`; a loss ten times
+above both means the logits have blown up even while they are still finite
+(Adam at ``lr=1e3`` climbs from 2.3 to about 2000).  A diverged run stops at
+once; its missing values are NaN.  The sequential loop and the ensemble apply
+the same rule at the same points, so both engines record the same status.
 """
 
 from __future__ import annotations
@@ -45,9 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from mbe_helpers.data import Dataset, load_dataset
+from mbe_helpers.data import DATASETS, Dataset, check_device, load_dataset
 from mbe_helpers.errors import MBEInputError
-from mbe_helpers.models import MLP, ResidualMLP, SmallCNN, ViTMini
+from mbe_helpers.models import ACTIVATIONS, MLP, ResidualMLP, SmallCNN, ViTMini
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +74,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_PROBE_EPOCHS = (5, 10, 20, 50)
 BUILTIN_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-MAX_LOSS = 1e6
+DIVERGENCE_FACTOR = 10.0
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "dataset": "digits", "data_root": None, "n_train": None, "label_noise": 0.0,
@@ -94,8 +107,9 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Fill defaults into a training config, coerce types and validate it.
 
     Values that are ``None`` or NaN (a missing cell of a heterogeneous grid)
-    take their default.  Raises :class:`MBEInputError` for unknown keys and
-    out-of-range values.
+    take their default.  Raises :class:`MBEInputError`, one sentence naming
+    the key, for unknown keys, values of the wrong type, unknown choices, values
+    out of range and a device this machine lacks.
     """
     unknown = sorted(set(config) - set(TRAIN_DEFAULTS))
     if unknown:
@@ -105,9 +119,10 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     for key in _INT_KEYS:
         cfg[key] = _as_int(key, cfg[key])
     for key in _FLOAT_KEYS:
-        cfg[key] = float(cfg[key])
+        cfg[key] = _as_float(key, cfg[key])
     _check_choices(cfg)
     _check_ranges(cfg)
+    check_device(cfg["device"])
     cfg["probe_epochs"] = _resolve_probe_epochs(cfg["probe_epochs"], cfg["epochs"])
     return cfg
 
@@ -116,16 +131,32 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _number(value: Any) -> float:
+    """``float(value)``, NaN for booleans and anything that is not a number."""
+    try:
+        return math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _as_int(key: str, value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not float(value).is_integer():
+    if not _number(value).is_integer():
         raise MBEInputError(f"config key {key!r} must be an integer, got {value!r}")
-    return int(value)
+    return int(_number(value))
+
+
+def _as_float(key: str, value: Any) -> float:
+    if not math.isfinite(_number(value)):
+        raise MBEInputError(f"config key {key!r} must be a finite number (e.g. "
+                            f"{TRAIN_DEFAULTS[key]!r}), got {value!r}")
+    return _number(value)
 
 
 def _check_choices(cfg: dict[str, Any]) -> None:
-    for key, allowed in (("optimizer", OPTIMIZERS), ("model", MODELS), ("dtype", tuple(DTYPES))):
+    for key, allowed in (("optimizer", OPTIMIZERS), ("model", MODELS), ("dataset", DATASETS),
+                         ("activation", tuple(ACTIVATIONS)), ("dtype", tuple(DTYPES))):
         if cfg[key] not in allowed:
             raise MBEInputError(f"unknown {key} {cfg[key]!r}; choose one of {', '.join(allowed)}")
 
@@ -149,7 +180,7 @@ def _resolve_probe_epochs(value: Any, epochs: int) -> tuple[int, ...]:
     if value is None:
         return tuple(sorted({e for e in (*DEFAULT_PROBE_EPOCHS, epochs) if e <= epochs}))
     if isinstance(value, str):
-        value = [v for v in value.replace(";", ",").split(",") if v.strip()]
+        value = [v.strip() for v in value.replace(";", ",").split(",") if v.strip()]
     elif isinstance(value, (int, float)):
         value = [value]
     return _check_probe_epochs(value, epochs)
@@ -306,9 +337,57 @@ class _RunRecord:
         return record
 
 
-def _healthy(*losses: float) -> bool:
-    """Whether every loss is finite and at most :data:`MAX_LOSS`."""
-    return all(math.isfinite(v) and v <= MAX_LOSS for v in losses)
+def divergence_limit(initial_loss: float, n_classes: int) -> float:
+    r"""Training loss above which a run has diverged: :math:`10 \max(L_0, \ln C)`.
+
+    Parameters
+    ----------
+    initial_loss : float
+        :math:`L_0`, the mean training loss at initialisation.
+    n_classes : int
+        :math:`C`; :math:`\ln C` is the loss of uniform predictions.
+
+    Returns
+    -------
+    float
+        The limit; NaN when :math:`L_0` is not finite, against which every
+        loss counts as diverged.
+    """
+    if not math.isfinite(initial_loss):
+        return math.nan
+    return DIVERGENCE_FACTOR * max(initial_loss, math.log(max(n_classes, 2)))
+
+
+def _healthy(loss: float, limit: float = math.inf) -> bool:
+    """Whether ``loss`` is finite and at most ``limit`` (see :func:`divergence_limit`)."""
+    return math.isfinite(loss) and loss <= limit
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+
+
+def _check_data(model: nn.Module, data: Dataset) -> None:
+    """One sentence when ``model`` cannot take the inputs or the labels are not its classes."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            n_out = model(data.x_train[:1]).shape[-1]
+    except RuntimeError as exc:  # a user's model; ours say it in their own sentence
+        raise MBEInputError(f"{type(model).__name__} cannot take the inputs of {data.name} "
+                            f"(shape {tuple(data.x_train.shape)}, {data.x_train.dtype}): "
+                            f"{_first_line(exc)}") from None
+    finally:
+        model.train(was_training)
+    for split in ("train", "val", "test"):
+        y = getattr(data, f"y_{split}")
+        if y.dtype != torch.long:
+            raise MBEInputError(f"y_{split} must hold integer class labels (torch.long), got "
+                                f"{y.dtype}; convert them with .long()")
+        if len(y) and not 0 <= int(y.min()) <= int(y.max()) < n_out:
+            raise MBEInputError(f"labels in y_{split} must lie between 0 and {n_out - 1} (the "
+                                f"model has {n_out} outputs), got {int(y.min())} to {int(y.max())}")
 
 
 # ---------------------------------------------------------------- sequential training
@@ -348,8 +427,9 @@ def _batch_rows(n: int, batch_size: int | None,
 
 
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dataset,
-                 batch_size: int | None, generator: torch.Generator, rule=None) -> bool:
-    """One epoch of training; ``False`` as soon as a loss is not healthy.
+                 batch_size: int | None, generator: torch.Generator, limit: float,
+                 rule=None) -> bool:
+    """One epoch of training; ``False`` as soon as a loss is NaN, inf or above ``limit``.
 
     Without a ``rule`` the gradients are backprop's; a learning rule of
     :mod:`mbe_helpers.feedback` fills them instead (``rule.grads(model, x, y)``).
@@ -363,20 +443,20 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Datas
             loss = rule.grads(model, xb, yb)
         else:
             loss = F.cross_entropy(model(xb), yb)
-            if _healthy(loss.item()):
+            if _healthy(loss.item(), limit):
                 loss.backward()
-        if not _healthy(loss.item()):
+        if not _healthy(loss.item(), limit):
             return False
         optimizer.step()
     return True
 
 
 def _probe_one(model: nn.Module, data: Dataset, probes: Probes, probe_split: str,
-               epoch: int, run: _RunRecord) -> bool:
+               epoch: int, run: _RunRecord, limit: float) -> bool:
     """Record built-in and custom probes at ``epoch``; ``False`` if the model diverged."""
     builtin = _builtin_metrics(model, data)
     run.add(epoch, builtin)
-    if not _healthy(builtin["train_loss"], builtin["val_loss"]):
+    if not (_healthy(builtin["train_loss"], limit) and _healthy(builtin["val_loss"])):
         run.diverge(epoch)
         return False
     run.add(epoch, evaluate_probes(model, data.batch(probe_split), probes))
@@ -428,25 +508,30 @@ def train(model: nn.Module, data: Dataset, *, optimizer: str = "adam", lr: float
     -------
     dict
         The flat record described in the module docstring, with
-        ``engine="sequential"``.
+        ``engine="sequential"``; ``status`` is ``diverged`` when a loss left
+        :func:`divergence_limit` (see the module docstring).
     """
     probe_epochs = _check_probe_epochs(probe_epochs, epochs)
     data.batch(probe_split)  # fail on a bad split name before training
+    _check_data(model, data)
     opt = make_optimizer(optimizer, model.parameters(), lr=lr, weight_decay=weight_decay,
                          momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
     run = _RunRecord(probe_epochs)
     start = time.perf_counter()
+    limit = divergence_limit(loss_and_accuracy(model, data.x_train, data.y_train)[0],
+                             data.n_classes)
     with _dropout_rng(model, seed):
         for epoch in range(epochs + 1):
-            if epoch > 0 and not _train_epoch(model, opt, data, batch_size, generator, rule):
+            if epoch > 0 and not _train_epoch(model, opt, data, batch_size, generator, limit,
+                                              rule):
                 run.diverge(epoch)
                 break
             if epoch in probe_epochs and not _probe_one(model, data, probes, probe_split,
-                                                        epoch, run):
+                                                        epoch, run, limit):
                 break
     final = None if run.diverged else _final_metrics(model, data)
-    if final is not None and not _healthy(final["train_loss"]):
+    if final is not None and not _healthy(final["train_loss"], limit):
         run.diverge(epochs)
         final = None
     return run.finish(final, time.perf_counter() - start, "sequential")
@@ -569,7 +654,7 @@ def _ensemble_batches(x: torch.Tensor, y: torch.Tensor, shared: bool, batch_size
 
 def _probe_ensemble(ens: _Ensemble, x: torch.Tensor, y: torch.Tensor, shared: bool,
                     data: Dataset, probes: Probes, probe_split: str, epoch: int,
-                    runs: Sequence[_RunRecord]) -> None:
+                    runs: Sequence[_RunRecord], limits: Sequence[float]) -> None:
     train_loss, train_acc = ens.loss_and_accuracy(x, y, shared)
     val_loss, val_acc = ens.loss_and_accuracy(data.x_val, data.y_val, True)
     for k, run in enumerate(runs):
@@ -578,20 +663,21 @@ def _probe_ensemble(ens: _Ensemble, x: torch.Tensor, y: torch.Tensor, shared: bo
         values = {"train_loss": train_loss[k].item(), "train_acc": train_acc[k].item(),
                   "val_loss": val_loss[k].item(), "val_acc": val_acc[k].item()}
         run.add(epoch, values)
-        if not _healthy(values["train_loss"], values["val_loss"]):
+        if not (_healthy(values["train_loss"], limits[k]) and _healthy(values["val_loss"])):
             run.diverge(epoch)
         elif probes:
             run.add(epoch, evaluate_probes(ens.module(k), data.batch(probe_split), probes))
 
 
 def _ensemble_final(ens: _Ensemble, x: torch.Tensor, y: torch.Tensor, shared: bool,
-                    data: Dataset, runs: Sequence[_RunRecord], epochs: int) -> list[dict | None]:
+                    data: Dataset, runs: Sequence[_RunRecord], epochs: int,
+                    limits: Sequence[float]) -> list[dict | None]:
     train_loss, _ = ens.loss_and_accuracy(x, y, shared)
     val_loss, val_acc = ens.loss_and_accuracy(data.x_val, data.y_val, True)
     test_loss, test_acc = ens.loss_and_accuracy(data.x_test, data.y_test, True)
     finals: list[dict | None] = []
     for k, run in enumerate(runs):
-        if not run.diverged and not _healthy(train_loss[k].item()):
+        if not run.diverged and not _healthy(train_loss[k].item(), limits[k]):
             run.diverge(epochs)
         finals.append(None if run.diverged else {
             "train_loss": train_loss[k].item(), "val_loss": val_loss[k].item(),
@@ -628,22 +714,28 @@ def train_ensemble(models: Sequence[nn.Module], datas: Sequence[Dataset], *,
         raise MBEInputError("train_ensemble needs one dataset, lr, weight_decay, momentum and "
                             "seed per model")
     probe_epochs = _check_probe_epochs(probe_epochs, epochs)
+    for data in datas:
+        _check_data(models[0], data)
     start = time.perf_counter()
     x, y, shared = _stack_training_data(datas)
     ens = _Ensemble(models, optimizer, lr, weight_decay, momentum)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     runs = [_RunRecord(probe_epochs) for _ in range(n_models)]
+    limits = [divergence_limit(v, datas[0].n_classes)
+              for v in ens.loss_and_accuracy(x, y, shared)[0].tolist()]
     for epoch in range(epochs + 1):
         for xb, yb, xb_shared in (_ensemble_batches(x, y, shared, batch_size, generators)
                                   if epoch > 0 else ()):
             losses = ens.step(xb, yb, xb_shared)
-            for k in torch.nonzero(~(losses <= MAX_LOSS)).flatten().tolist():  # NaN too
-                runs[k].diverge(epoch)
+            for k, loss in enumerate(losses.tolist()):
+                if not _healthy(loss, limits[k]):
+                    runs[k].diverge(epoch)
         if epoch in probe_epochs:
-            _probe_ensemble(ens, x, y, shared, datas[0], probes, probe_split, epoch, runs)
+            _probe_ensemble(ens, x, y, shared, datas[0], probes, probe_split, epoch, runs,
+                            limits)
         if all(run.diverged for run in runs):
             break
-    finals = _ensemble_final(ens, x, y, shared, datas[0], runs, epochs)
+    finals = _ensemble_final(ens, x, y, shared, datas[0], runs, epochs, limits)
     seconds = (time.perf_counter() - start) / n_models
     return [run.finish(final, seconds, f"ensemble:{n_models}") for run, final in zip(runs, finals)]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mbe_helpers.data import DATASETS, _stratified_split, load_dataset
+from mbe_helpers.data import DATASETS, _stratified_split, check_device, load_dataset
 from mbe_helpers.errors import MBEInputError
 
 
@@ -127,3 +127,15 @@ def test_batch_returns_a_split_and_rejects_unknown_ones():
     assert x is data.x_test and y is data.y_test
     with pytest.raises(MBEInputError):
         data.batch("holdout")
+
+
+def test_devices_this_machine_lacks_are_one_sentence(monkeypatch):
+    with pytest.raises(MBEInputError, match="unknown device 'tpu'; use 'cpu', 'cuda'"):
+        load_dataset("digits", device="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MBEInputError, match="'cuda' needs a CUDA GPU and none is visible"):
+        load_dataset("digits", device="cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(MBEInputError, match="'mps' needs Apple's MPS backend"):
+        load_dataset("digits", device="mps")
+    assert check_device("cpu") == torch.device("cpu")

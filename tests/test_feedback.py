@@ -183,3 +183,30 @@ def test_dfa_on_vit_gives_every_token_the_projected_error():
     local = torch.autograd.grad(F.cross_entropy(model.head(model.norm(h2.detach())[:, 0]), y),
                                 model.head.weight)[0]
     assert torch.allclose(model.head.weight.grad, local)
+
+
+class NotATensor:
+    """Anything a weights-only load must refuse."""
+
+
+def test_bad_checkpoints_are_one_sentence_and_never_suggest_the_unsafe_load(tmp_path):
+    model = ResidualMLP(3, 6, 2, 2)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(MBEInputError, match="is not a checkpoint of save_checkpoint .* "
+                                            r"model.load_state_dict\(torch.load"):
+        feedback.load_checkpoint(tmp_path / "plain.pt", model)
+    torch.save({"model": model.state_dict(), "rule": {"name": "bp"},
+                "meta": {"x": NotATensor()}}, tmp_path / "evil.pt")
+    with pytest.raises(MBEInputError) as refused:
+        feedback.load_checkpoint(tmp_path / "evil.pt", model)
+    assert "was refused because it holds objects other than tensors" in str(refused.value)
+    assert "weights_only" not in str(refused.value) and refused.value.__suppress_context__
+    with pytest.raises(MBEInputError, match="does not exist"):
+        feedback.load_checkpoint(tmp_path / "none.pt", model)
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(MBEInputError, match="could not be read as a torch file"):
+        feedback.load_checkpoint(tmp_path / "text.pt", model)
+    feedback.save_checkpoint(tmp_path / "c.pt", model, feedback.make_rule("bp"))
+    with pytest.raises(MBEInputError, match=r"do not fit this ResidualMLP \(6 missing, e.g. "
+                                            "'blocks.2.ln.weight'\\); build the model"):
+        feedback.load_checkpoint(tmp_path / "c.pt", ResidualMLP(3, 6, 2, 3))

@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -264,3 +265,89 @@ def test_missing_cells_take_defaults_and_share_a_hash(tmp_path):
     out = run_grid(frame, double, tmp_path / "l.jsonl", progress=False)
     assert config_hash({"x": 1}) == out["config_hash"][0]
     assert math.isnan(out["extra"][0]) and out["extra"][1] == 5
+
+
+def test_complete_last_record_without_newline_is_kept(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+    run_grid([{"x": i} for i in range(3)], double, ledger, progress=False)
+    ledger.write_bytes(ledger.read_bytes()[:-1])  # killed just before the last "\n"
+    assert list(read_ledger(ledger)["y"]) == [0, 2, 4]
+    counter = Flaky(failures=0)
+    out = run_grid([{"x": i} for i in range(5)], counter, ledger, progress=False)
+    assert counter.calls == {3: 1, 4: 1} and list(out["y"]) == [0, 2, 4, 6, 8]
+    rows = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [r["x"] for r in rows] == [0, 1, 2, 3, 4] and len(read_ledger(ledger)) == 5
+
+
+def test_lines_that_are_not_objects_are_skipped_with_a_warning(tmp_path, caplog):
+    ledger = tmp_path / "ledger.jsonl"
+    run_grid([{"x": 0}], double, ledger, progress=False)
+    with open(ledger, "ab") as handle:
+        handle.write(b'[1, 2]\nnull\n"text"\n')
+    assert list(read_ledger(ledger)["x"]) == [0]
+    assert caplog.text.count("not a JSON object") == 3
+    out = run_grid([{"x": 0}, {"x": 1}], double, ledger, progress=False)
+    assert list(out["y"]) == [0, 2]
+    with open(ledger, "ab") as handle:
+        handle.write(b"[3]")  # a last line that is not a record is dropped on the next append
+    run_grid([{"x": 2}], double, ledger, progress=False)
+    assert ledger.read_bytes().endswith(b"}\n") and len(read_ledger(ledger)) == 3
+
+
+def test_a_ledger_path_that_is_a_directory_is_one_sentence(tmp_path):
+    with pytest.raises(MBEInputError, match=r"is a directory; give a file inside it, e\.g\."):
+        run_grid([{"x": 1}], double, tmp_path)
+    with pytest.raises(MBEInputError, match="is a directory"):
+        read_ledger(tmp_path)
+
+
+def test_two_concurrent_runners_split_the_grid_and_train_each_config_once(tmp_path):
+    ledger, calls = tmp_path / "ledger.jsonl", tmp_path / "calls"
+    script = tmp_path / "runner.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+        from mbe_helpers.grid import run_grid
+
+        def slow_double(config):
+            with open(sys.argv[2], "a") as log:
+                log.write(f"{config['x']} {os.getpid()}\\n")
+            time.sleep(0.05)
+            return {"y": 2 * config["x"], "pid": os.getpid()}
+
+        Path(sys.argv[3] + sys.argv[4]).touch()
+        while not Path(sys.argv[3]).exists():  # start together
+            time.sleep(0.005)
+        out = run_grid([{"x": i} for i in range(40)], slow_double, sys.argv[1], progress=False)
+        print(len(out), sorted(out["x"]) == list(range(40)), set(out["status"]))
+    """))
+    go = tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, str(script), str(ledger), str(calls), str(go),
+                                  f".ready{i}"], stdout=subprocess.PIPE, text=True)
+                for i in range(2)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+            Path(f"{go}.ready{i}").exists() for i in range(2)):
+        time.sleep(0.01)
+    go.touch()
+    outputs = [child.communicate(timeout=120)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    assert outputs == ["40 True {'ok'}\n"] * 2
+    trained = [line.split() for line in calls.read_text().splitlines()]
+    assert sorted(int(x) for x, _ in trained) == list(range(40))  # each config exactly once
+    assert len({pid for _, pid in trained}) == 2  # and the work was split
+    rows = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert len(rows) == 40 == len({r["config_hash"] for r in rows})
+    assert not (tmp_path / ".ledger.jsonl.claims").exists()
+
+
+def test_bad_training_configs_are_recorded_at_once_with_their_sentence(tmp_path, caplog):
+    configs = [{**TINY, "lr": "fast"}, {**TINY, "activation": "swish"}, {**TINY, "device": "tpu"},
+               {**TINY}]
+    out = run_grid(configs, train_run, tmp_path / "l.jsonl", progress=False, retries=2)
+    assert list(out["status"]) == ["failed", "failed", "failed", "ok"]
+    assert list(out["attempts"]) == [1, 1, 1, 1] and "attempt" not in caplog.text
+    assert out["error"][0] == ("MBEInputError: config key 'lr' must be a finite number "
+                               "(e.g. 0.001), got 'fast'")
+    assert out["error"][1].startswith("MBEInputError: unknown activation 'swish'; choose one of")
+    assert out["error"][2].startswith("MBEInputError: unknown device 'tpu'; use 'cpu'")

@@ -1,8 +1,10 @@
 """FA diagnostics on constructed networks where each must fire, and must not."""
 
+import io
 
 import pytest
 import torch
+from rich.console import Console
 
 from mbe_helpers import protocol
 from mbe_helpers.errors import MBEInputError
@@ -143,3 +145,58 @@ def test_bad_input():
         protocol.diagnose(net(), batches(2, 8), 91)
     with pytest.raises(MBEInputError, match="stability_layer must be between 0 and 4"):
         protocol.diagnose(net(), batches(2, 8), 0.9, stability_layer=9)
+
+
+def test_non_finite_inputs_are_refused_in_one_sentence():
+    bad = batches(2, 8)
+    bad[1][0][3, 5] = float("nan")
+    with pytest.raises(MBEInputError, match=r"eval_batches\[1\] holds 1 NaN or infinite inputs; "
+                                            "drop or impute them"):
+        protocol.diagnose(net(), bad, 0.9)
+
+
+def test_non_finite_activations_give_nan_states_never_ok():
+    model = net()
+    with torch.no_grad():
+        model.blocks[1].fc2.weight[0, 0] = float("nan")
+    report = protocol.diagnose(model, batches(2, 16), 0.9, 0.5)
+    states = {k: v for k, v in report.verdicts.items()}
+    for name in ("a_residual_growth", "b_bp_gradient_floor", "c_direction_stability"):
+        assert states[name][0] == protocol.NAN, states
+    assert "stream norm of h_2 is not finite" in states["a_residual_growth"][1]
+    assert report.verdict.startswith("not at face value: a_residual_growth (nan)")
+    assert "| nan |" in report.to_markdown() and "nanx" not in report.to_markdown()
+    report.show(console=Console(file=io.StringIO()))
+
+
+class Strange(torch.nn.Module):
+    """The stream contract's names, but ``blocks`` is not a list of branches."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        inner = net()
+        self.embed, self.out_ln, self.out_head, self.blocks = (inner.embed, inner.out_ln,
+                                                               inner.out_head, blocks)
+
+
+@pytest.mark.parametrize("blocks, kind", [(3, "int"), (torch.nn.Linear(32, 32), "Linear"),
+                                          ("abc", "str")])
+def test_blocks_of_the_wrong_type_are_one_sentence(blocks, kind):
+    with pytest.raises(MBEInputError, match=f"Strange.blocks must be a list of residual branches "
+                                            rf"\(e.g. an nn.ModuleList\), got {kind}"):
+        protocol.diagnose(Strange(blocks), batches(2, 8), 0.9)
+
+
+def test_batches_the_model_cannot_take_are_one_sentence():
+    (x, y), second = batches(2, 8)
+    cases = [([(x, y + 4), second], r"labels in eval_batches\[0\] must lie between 0 and 3 "
+                                    r"\(the model has 4 outputs\), got 4 to 7"),
+             ([(x, y.float()), second], r"eval_batches\[0\] needs y as one class label "
+                                        r"\(torch.long\) per sample of x"),
+             ([(x[:, :10], y), second], r"ResidualMLP cannot take eval_batches\[0\] \(shape "
+                                        r"\(8, 10\), torch.float32\): mat1 and mat2"),
+             ([(x.double(), y), second], r"cannot take eval_batches\[0\] .*dtype"),
+             ([x, second], r"eval_batches\[0\] must be a pair \(x, y\) of tensors")]
+    for bs, fragment in cases:
+        with pytest.raises(MBEInputError, match=fragment):
+            protocol.diagnose(net(), bs, 0.9)

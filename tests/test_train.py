@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mbe_helpers.errors import MBEInputError
-from mbe_helpers.train import (TrainRun, build_model, choose_group_size, resolve_config, train,
-                               train_ensemble, train_run)
+from mbe_helpers.train import (TrainRun, build_model, choose_group_size, divergence_limit,
+                               resolve_config, train, train_ensemble, train_run)
 from mbe_helpers.data import load_dataset
 
 SMALL = {"width": 16, "depth": 2, "epochs": 6, "n_train": 200, "probe_epochs": [0, 3, 6]}
@@ -176,6 +176,14 @@ def test_run_function_pickles_without_its_measurement_cache():
     ({"lr": 0.0}, "'lr' must be positive"),
     ({"width": 2.5}, "'width' must be an integer"),
     ({"epochs": 5, "probe_epochs": [10]}, "must lie between 0 and epochs=5"),
+    ({"lr": "fast"}, r"config key 'lr' must be a finite number \(e.g. 0.001\), got 'fast'"),
+    ({"lr": float("inf")}, "config key 'lr' must be a finite number"),
+    ({"momentum": [0.9]}, "config key 'momentum' must be a finite number"),
+    ({"width": "wide"}, "config key 'width' must be an integer, got 'wide'"),
+    ({"probe_epochs": "1, x"}, "config key 'probe_epochs' must be an integer, got 'x'"),
+    ({"activation": "swish"}, "unknown activation 'swish'; choose one of tanh, relu, gelu"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; choose one of digits"),
+    ({"device": "tpu"}, r"unknown device 'tpu'; use 'cpu', 'cuda' \(or 'cuda:N'\) or 'mps'"),
 ])
 def test_bad_configs_fail_with_one_sentence(config, fragment):
     with pytest.raises(MBEInputError, match=fragment):
@@ -195,3 +203,54 @@ def test_direct_train_call_with_minibatches():
     record = train(model, data, optimizer="adamw", lr=0.01, weight_decay=0.1, epochs=3,
                    batch_size=32, probe_epochs=[1, 3], probes={"wn": weight_norm})
     assert record["status"] == "ok" and "wn@3" in record and "val_acc@1" in record
+
+
+def test_cuda_without_a_gpu_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MBEInputError, match="'cuda' needs a CUDA GPU and none is visible here; "
+                                            "use device='cpu'"):
+        train_run({**SMALL, "device": "cuda"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(MBEInputError, match="'cuda:3' does not exist: this machine has 1 CUDA"):
+        load_dataset("digits", device="cuda:3")
+
+
+def test_a_blown_up_but_finite_loss_is_diverged_in_both_engines():
+    configs = [{**SMALL, "dtype": "float64", "optimizer": "adam", "lr": lr, "seed": s}
+               for lr, s in ((1e3, 0), (1e-2, 1), (1e3, 2))]
+    sequential = [TrainRun(ensemble=False)(c) for c in configs]
+    stacked = TrainRun(ensemble=True).run_many(configs)
+    assert [r["status"] for r in sequential] == ["diverged", "ok", "diverged"]
+    for a, b in zip(sequential, stacked):
+        assert_records_close(numbers(a), numbers(b))
+    assert sequential[0]["diverged_epoch"] >= 1 and math.isfinite(sequential[0]["train_loss@0"])
+    assert math.isnan(sequential[0]["test_acc"]) and sequential[1]["train_loss"] < 2.3
+
+
+def test_divergence_limit_is_relative_to_the_run():
+    assert divergence_limit(3.0, 10) == pytest.approx(30.0)
+    assert divergence_limit(0.01, 10) == pytest.approx(10 * math.log(10))  # started near-perfect
+    assert divergence_limit(50.0, 10) == pytest.approx(500.0)
+    assert math.isnan(divergence_limit(float("nan"), 10))
+
+
+def test_labels_and_inputs_that_do_not_fit_the_model_are_one_sentence():
+    data = load_dataset("digits", n_train=100)
+    model = build_model(SMALL, data)
+    cases = [
+        ({"y_train": data.y_train + 10}, r"labels in y_train must lie between 0 and 9 \(the "
+                                          r"model has 10 outputs\), got 10 to 19"),
+        ({"y_val": data.y_val.int()}, r"y_val must hold integer class labels \(torch.long\)"),
+        ({"x_train": data.x_train[:, :10]}, r"MLP takes 64 features per sample, got samples of "
+                                             r"shape \(10,\)"),
+        ({"x_train": data.x_train.double()}, "MLP has torch.float32 weights but got "
+                                              r"torch.float64 inputs; convert them with x.to"),
+    ]
+    for change, fragment in cases:
+        bad = dataclasses.replace(data, **change)
+        with pytest.raises(MBEInputError, match=fragment):
+            train(model, bad, epochs=1)
+        with pytest.raises(MBEInputError, match=fragment):
+            train_ensemble([model, model], [bad, bad], lr=[0.1, 0.1], weight_decay=[0, 0],
+                           seeds=[0, 1], epochs=1)
