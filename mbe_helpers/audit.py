@@ -952,12 +952,14 @@ def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settin
                      hi=np.nan, alpha=settings.alpha, note="too few rows for placebos")
                 for kind in kinds]
     y = clean[target].to_numpy(float)
+    stacked = np.column_stack(list(kinds.values()))
+    if adjust == "crossfit":
+        p_all = _crossfit_placebo_p(y, stacked, numeric, categorical, clusters, settings, rng)
+    else:
+        p_all = _rank_placebo_p(y, stacked, clean, controls)
     out = []
-    for kind, columns in kinds.items():
-        if adjust == "crossfit":
-            p = _crossfit_placebo_p(y, columns, numeric, categorical, clusters, settings, rng)
-        else:
-            p = _rank_placebo_p(y, columns, clean, controls)
+    for position, kind in enumerate(kinds):
+        p = p_all[position * k:(position + 1) * k]
         rejections = int(np.sum(p < settings.alpha))
         lo, hi = wilson_interval(rejections, k)
         note = ""

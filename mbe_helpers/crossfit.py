@@ -43,7 +43,7 @@ A linear smoother: ridge regression on a basis of the controls,
 * a numeric control with at most :data:`LEVELS_AS_CATEGORY` distinct values
   is one-hot encoded (any function of it is then fitted exactly, steps too);
   otherwise its rank :math:`u \in (0, 1]` enters through a linear term and
-  16 hinges :math:`(u - \kappa)_+` (ranked responses make kinks: a U in the
+  24 hinges :math:`(u - \kappa)_+` (ranked responses make kinks: a U in the
   control is a V in ranks);
 * a categorical control is one-hot encoded;
 * every pair of controls adds the tensor products of their low-order
@@ -103,8 +103,8 @@ MIN_PER_FOLD = 8
 #: A numeric control with at most this many distinct values is treated as categorical.
 LEVELS_AS_CATEGORY = 6
 _PENALTIES = np.logspace(-4, 4, 25)          # times the mean squared singular value
-_INTERACTION_SCALES = (0.0, 0.5, 1.0)
-_HINGES = 16                                  # interior knots of a numeric control's main effect
+_INTERACTION_SCALES = (0.0, 1.0, 3.0)
+_HINGES = 24                                  # interior knots of a numeric control's main effect
 _PAIR_KNOTS = 2                               # interior knots of each factor of a pairwise term
 
 
@@ -157,7 +157,7 @@ def control_basis(numeric: np.ndarray | None = None,
     -------
     ControlBasis
         ``main``: one-hot columns of a category (or of a numeric control with
-        few levels), a linear term and 16 hinges of a numeric rank;
+        few levels), a linear term and 24 hinges of a numeric rank;
         ``interactions``: tensor products of every pair of controls'
         low-order features.
 
@@ -166,7 +166,7 @@ def control_basis(numeric: np.ndarray | None = None,
     >>> import numpy as np
     >>> basis = control_basis(numeric=np.arange(100.0)[:, None])
     >>> basis.main.shape, basis.interactions.shape
-    ((100, 17), (100, 0))
+    ((100, 25), (100, 0))
     """
     columns = [] if numeric is None else [np.asarray(c) for c in np.asarray(numeric, dtype=float).T]
     columns += [] if categorical is None else [np.asarray(c) for c in np.asarray(categorical, dtype=object).T]
@@ -319,13 +319,22 @@ def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
 
 def _studentised(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
     """GCM statistics (K, B) of residual columns ``e_m`` (n, K) against ``e_y`` (n, B)."""
+    n = len(e_y)
     sums = e_m.T @ e_y
     if clusters is None:
-        variance = (e_m**2).T @ (e_y**2) - sums**2 / len(e_y)
+        variance = (e_m**2).T @ (e_y**2) - sums**2 / n
     else:
-        per_cluster = _cluster_sums(e_m[:, :, None] * e_y[:, None, :], clusters)
-        sizes = _cluster_sums(np.ones(len(e_y)), clusters)[:, None, None]
-        variance = ((per_cluster - sizes * sums / len(e_y)) ** 2).sum(axis=0)
+        codes = pd.factorize(clusters)[0]
+        order = np.argsort(codes, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0, True])
+        square, cross = np.zeros_like(sums), np.zeros_like(sums)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            rows = order[start:stop]
+            part = e_m[rows].T @ e_y[rows]                 # the cluster's sum of products
+            square += part**2
+            cross += part * (stop - start)
+        sizes = np.diff(bounds)
+        variance = square - 2 * cross * sums / n + sums**2 * (sizes**2).sum() / n**2
     return sums / np.sqrt(np.maximum(variance, 1e-300))
 
 
@@ -365,9 +374,9 @@ def _cluster_sums(values: np.ndarray, clusters: np.ndarray | None) -> np.ndarray
     if clusters is None:
         return values
     codes = pd.factorize(clusters)[0]
-    sums = np.zeros((codes.max() + 1,) + values.shape[1:])
-    np.add.at(sums, codes, values)
-    return sums
+    indicator = np.zeros((codes.max() + 1, len(codes)))
+    indicator[codes, np.arange(len(codes))] = 1.0
+    return (indicator @ values.reshape(len(codes), -1)).reshape((-1,) + values.shape[1:])
 
 
 def gcm_test(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None = None,
