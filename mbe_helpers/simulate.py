@@ -12,6 +12,7 @@ against ``final_acc`` with the controls ``early_loss`` and ``arch``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -319,8 +320,11 @@ def _calibration_cell(args) -> list[dict]:
 
     name, n, reps, seed, methods = args
     scenario = SCENARIOS[name]
+    start = time.perf_counter()
     with threadpool_limits(1):                    # small matrices: threads only contend
-        return _simulate_cell(name, scenario, n, reps, seed, methods)
+        rows = _simulate_cell(name, scenario, n, reps, seed, methods)
+    seconds = time.perf_counter() - start
+    return [{**row, "seconds": seconds} for row in rows]
 
 
 def _simulate_cell(name, scenario, n, reps, seed, methods) -> list[dict]:
@@ -347,7 +351,8 @@ def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (
     Returns
     -------
     DataFrame
-        ``scenario, kind, n, method, reps, rejections, rate, lo, hi``.
+        ``scenario, kind, n, method, reps, rejections, rate, lo, hi`` and
+        ``seconds``, the time of the whole (scenario, n) cell (all methods).
 
     Examples
     --------
@@ -389,4 +394,5 @@ def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (
     order = {name: i for i, name in enumerate(SCENARIOS)}
     table = table.sort_values(["scenario", "n", "method"], key=lambda c: c.map(order) if c.name == "scenario"
                               else c.map({m: i for i, m in enumerate(METHODS)}) if c.name == "method" else c)
-    return table.drop(columns="p").reset_index(drop=True)
+    table = table.drop(columns="p").reset_index(drop=True)
+    return table[[c for c in table.columns if c != "seconds"] + ["seconds"]]
