@@ -33,3 +33,21 @@ for (name, signal), part in runs.groupby(["scenario", "expected_signal"], sort=F
         lo, hi = wilson_interval(k, len(part))
         cells.append(f"{k / len(part):6.1%} [{lo:.1%}, {hi:.1%}]")
     print(f"{name:34s} {str(signal):>6s} {cells[0]:>24s} {cells[1]:>24s}")
+
+# Our cross-fitted test on the peer's own scenarios (same n, repetitions, grouped folds).
+import numpy as np  # noqa: E402
+from mbe_eval.calibration import SCENARIOS as PEER_SCENARIOS  # noqa: E402
+
+from mbe_helpers.simulate import Scenario, method_pvalues  # noqa: E402
+
+print(f"\nmbe_helpers crossfit (cluster = config_id) on the peer's scenarios, n = 300, {args.reps} reps")
+start = time.perf_counter()
+for peer in PEER_SCENARIOS:
+    ours = Scenario(peer.name, "signal" if "increment" in peer.expected_profile else "null",
+                    tuple(peer.controls), peer.generator, peer.explanation, cluster="config_id")
+    hits = [method_pvalues(peer.generator(np.random.default_rng([rep, 300]), 300), ours,
+                           np.random.default_rng(rep), methods=("crossfit",))["crossfit"] < 0.05
+            for rep in range(args.reps)]
+    lo, hi = wilson_interval(int(np.sum(hits)), len(hits))
+    print(f"{peer.name:34s} {ours.kind:>6s} {np.mean(hits):6.1%} [{lo:.1%}, {hi:.1%}]")
+print(f"({time.perf_counter() - start:.0f} s)")

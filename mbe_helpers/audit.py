@@ -643,7 +643,8 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
         folds = crossfit.fold_ids(len(clean), settings.folds, settings.seed, clusters)
         responses = np.column_stack([clean[target].to_numpy(float), clean[metric].to_numpy(float)])
         residuals, fits = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
-        test = crossfit.gcm_test(residuals[:, 1], residuals[:, 0], clusters, settings.ci)
+        test = crossfit.gcm_test(residuals[:, 1], residuals[:, 0], clusters, settings.ci,
+                                 fitted_dof=float(fits.dof.mean()))
         p = crossfit.wild_gcm_p(residuals[:, 1], residuals[:, 0], fits, settings.draws, rng,
                                 clusters)[0]
     except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:

@@ -60,19 +60,27 @@ every response at once. Because the smoother is linear, one factorisation per
 fold residualises the target, every metric and hundreds of placebo columns;
 that is what keeps the audit's self-calibration cheap.
 
-What was measured to choose it (200 repetitions, n = 300, the issue's
-U-shaped proxy and harder variants with near-noiseless confounding): a cubic
-B-spline main effect with pairwise quadratic products held the U-shape
-(7 %) but let a categorical-by-numeric interaction through 100 % of the time
-and a product interaction 98 %; tensor-product pairs brought those to 6-7 %
-and 12-20 %; hinges instead of the B-spline halved the small-n size on the
-U-shape (28 % to 14 % at n = 60); the wild refit took the independent null
-at n = 60 from 11 % to 4-7 %. Leave-one-out instead of GCV, step functions
-and a second single-index stage cost 2-5x the time without lowering any
-size. A step in one control interacting through the ranks with another
-(near-noiseless) remains beyond it (53-59 % at n = 300): the placebo
-self-calibration of :func:`mbe_helpers.audit.audit` exists to say so on a
-user's own data.
+What was measured to choose it (:func:`mbe_helpers.simulate.run_calibration`,
+200 repetitions; sizes of the crossfit test at alpha = 0.05):
+
+* a cubic B-spline main effect with pairwise quadratic products held the
+  U-shaped proxy (7 % at n = 300) but let an inverted U whose peak moves
+  with a categorical control through 100 % of the time, and a product of
+  two controls 98 %; tensor-product pairs brought those to 6-7 % and 12-20 %;
+* hinges instead of the B-spline halved the small-n size on the U-shape
+  (28 % to 14 % at n = 60); the wild refit took the independent null at
+  n = 60 from 11 % to 4-7 %;
+* the bilinear term with a lighter penalty took the product proxy from 20 %
+  to 5 % at n = 60 and from 10 % to 6 % at n = 300;
+* leave-one-out instead of GCV, step functions, a second single-index
+  stage, finer pair splines and hinges that multiply with n cost 2-5x the
+  time and lowered no size.
+
+Its known blind spot is a sharp step between two hinge knots once n is
+large enough to see it (the step proxy: 6-7 % up to n = 300, 17-20 % at
+n = 1000), and near-noiseless confounding through many controls at small n.
+The placebo self-calibration of :func:`mbe_helpers.audit.audit` exists to
+say so on a user's own data.
 
 Examples
 --------
@@ -240,7 +248,8 @@ def _ridge_gcv_predict(train: np.ndarray, test: np.ndarray, y: np.ndarray):
     n = len(x)
     if x.shape[1] == 0:
         return (np.broadcast_to(mean_y, (len(test), y.shape[1])).copy(), (yc**2).sum(0) / n,
-                (np.zeros((len(test), 0)), np.zeros((y.shape[1], 0)), np.zeros((n, 0))))
+                (np.zeros((len(test), 0)), np.zeros((y.shape[1], 0)), np.zeros((n, 0)),
+                 np.ones(y.shape[1])))
     u, d, test_v = _spectrum(x, test - mean_x)
     a = u.T @ yc                                             # (r, R)
     total = (yc**2).sum(axis=0)                              # (R,)
@@ -252,7 +261,7 @@ def _ridge_gcv_predict(train: np.ndarray, test: np.ndarray, y: np.ndarray):
     best = np.argmin(gcv, axis=0)                            # (R,)
     weights = d / (d**2 + lam[best])                         # (R, r)
     prediction = test_v @ (weights.T * a) + mean_y
-    return prediction, gcv[best, np.arange(y.shape[1])], (test_v, weights, u)
+    return prediction, gcv[best, np.arange(y.shape[1])], (test_v, weights, u, dof[best, 0])
 
 
 def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.ndarray,
@@ -285,36 +294,45 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     responses = np.asarray(responses, dtype=float)
     ranked = np.column_stack([stats.rankdata(c) for c in responses.T]) / len(responses)
     out = np.empty_like(ranked)
-    operators = []
+    operators, dof = [], np.zeros(ranked.shape[1])
     for fold in np.unique(folds):
         test, train = folds == fold, folds != fold
-        best_pred, best_score, best_op = None, None, None
+        best_pred, best_score, best_op, best_dof = None, None, None, None
         for scale in _INTERACTION_SCALES:
             if scale and basis.interactions.shape[1] == 0:
                 continue
             x = np.hstack([basis.main, scale * basis.interactions]) if scale else basis.main
             pred, score, op = _ridge_gcv_predict(x[train], x[test], ranked[train])
             if best_pred is None:
-                best_pred, best_score = pred, score
-                best_op = op
+                best_pred, best_score, best_op, best_dof = pred, score, op, op[3].copy()
             else:
                 better = score < best_score
                 best_pred[:, better], best_score[better] = pred[:, better], score[better]
+                best_dof[better] = op[3][better]
                 if keep is not None and better[keep]:
                     best_op = op
         out[test] = ranked[test] - best_pred
+        dof += best_dof / len(np.unique(folds))
         if keep is not None:
-            xt, w, u = best_op
+            xt, w, u, _ = best_op
             operators.append((test, train, xt, w[keep], u))
     if keep is not None:
-        return out, operators
+        return out, KeptFits(operators, dof)
     return out
+
+
+@dataclass(frozen=True)
+class KeptFits:
+    """The target's per-fold fits (for :func:`refit_residuals`) and every response's fitted df."""
+
+    folds: list
+    dof: np.ndarray           # (R,) effective degrees of freedom of each response's fit, fold mean
 
 
 def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
     """Residualise new columns (n, B) with the fits kept by ``crossfit_residuals(keep=j)``."""
     out = np.empty_like(columns)
-    for test, train, xt, w, u in operators:
+    for test, train, xt, w, u in operators.folds:
         tr = columns[train]
         mean = tr.mean(axis=0)
         pred = xt @ (w[:, None] * (u.T @ (tr - mean))) + mean
@@ -347,7 +365,7 @@ def wild_gcm_p(e_m: np.ndarray, e_y: np.ndarray, operators, draws: int,
                rng: np.random.Generator, clusters: np.ndarray | None = None) -> np.ndarray:
     r"""p-values of the studentised GCM, calibrated by a wild (sign-flip) refit of the target.
 
-    ``operators`` are the target's fits kept by ``crossfit_residuals(..., keep=j)``;
+    ``operators`` are the fits kept by ``crossfit_residuals(..., keep=j)`` (a :class:`KeptFits`);
     :math:`p = (1 + \#\{|T^*| \ge |T|\}) / (1 + \mathrm{draws})` per column of ``e_m``.
     """
     e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
@@ -385,11 +403,15 @@ def _cluster_sums(values: np.ndarray, clusters: np.ndarray | None) -> np.ndarray
 
 
 def gcm_test(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None = None,
-             ci: float = 0.95) -> GCMTest:
+             ci: float = 0.95, fitted_dof: float = 0.0) -> GCMTest:
     r"""Studentised generalised covariance measure of two residual vectors.
 
     ``e_m`` may be (n,) or (n, K) (K residual columns tested against the same
     ``e_y``); then every field of the result is an array of length K.
+    ``fitted_dof``, the mean effective degrees of freedom of the two fits,
+    inflates the interval's variance by :math:`n / (n - \mathrm{df})` (as HC1
+    does for least squares): out-of-fold residuals of a fitted smoother vary
+    less than the errors they estimate.
 
     Examples
     --------
@@ -413,14 +435,15 @@ def gcm_test(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None = Non
         statistic = products.sum(axis=0) / np.sqrt(variance)
     dof = max(units - 1, 1)
     p = 2.0 * stats.t.sf(np.abs(statistic), dof)
-    r, lo, hi = _correlation_interval(e_m, e_y, clusters, ci, dof)
+    r, lo, hi = _correlation_interval(e_m, e_y, clusters, ci, dof, fitted_dof)
     fields = (r, lo, hi, statistic, p)
     if single:
         fields = tuple(float(v[0]) for v in fields)
     return GCMTest(*fields, dof=dof)
 
 
-def _correlation_interval(e_m: np.ndarray, e_y: np.ndarray, clusters, ci: float, dof: int):
+def _correlation_interval(e_m: np.ndarray, e_y: np.ndarray, clusters, ci: float, dof: int,
+                          fitted_dof: float = 0.0):
     """Pearson r of residual columns with a Fisher-z interval from the influence function."""
     n = len(e_y)
     a = e_m - e_m.mean(axis=0)
@@ -432,7 +455,8 @@ def _correlation_interval(e_m: np.ndarray, e_y: np.ndarray, clusters, ci: float,
         influence = a * b - r * (a**2 + b**2) / 2.0
         sums = _cluster_sums(influence, clusters)
         units = len(sums)
-        se = np.sqrt((sums**2).sum(axis=0) * units / max(units - 1, 1)) / n
+        inflation = units / max(units - 1, 1) * n / max(n - fitted_dof, n / 2)
+        se = np.sqrt((sums**2).sum(axis=0) * inflation) / n
         z = np.arctanh(np.clip(r, -0.999999, 0.999999))
         half = stats.t.ppf(0.5 + ci / 2, dof) * se / (1.0 - r**2)
     return r, np.tanh(z - half), np.tanh(z + half)
