@@ -463,7 +463,7 @@ def _correlation_interval(e_m: np.ndarray, e_y: np.ndarray, clusters, ci: float,
 
 
 def minimum_detectable_r(n: int, alpha: float = 0.05, power: float = 0.8, k: int = 0) -> float:
-    r"""Smallest |correlation| a two-sided test at ``alpha`` detects with ``power`` (Fisher z).
+    r"""Smallest absolute correlation a two-sided test at ``alpha`` detects with ``power`` (Fisher z).
 
     .. math:: r_{\min} = \tanh\big((z_{1-\alpha/2} + z_{\mathrm{power}}) / \sqrt{n - 3 - k}\big)
 

@@ -1,0 +1,646 @@
+r"""Chapter 05, "Can the audit be trusted?": the audit's own size and power.
+
+The notebook ``book/05_audit_calibration.ipynb`` calls, in order,
+
+- :func:`validate` (the parameters cell, checked in one sentence),
+- :func:`scenario_table` (the scenarios of :data:`mbe_helpers.simulate.SCENARIOS`),
+- :func:`run_size_power` (:func:`mbe_helpers.simulate.run_calibration`),
+  :func:`plot_rates` and :func:`rates_at` (the figure and the compact table),
+  :func:`size_power_values` (the sentences on where each method fails),
+- :func:`claim_rates` and :func:`claim_values` (how often the outcome classes
+  claim information on ledgers where there is none),
+- :func:`placebo_check` and :func:`placebo_values` (the audit's placebo
+  self-calibration on one null ledger),
+- :func:`verdict` (the closing sentences).
+
+Every value the prose shows comes from one of the ``*_values`` functions or
+:func:`verdict`, which return ``{glue key: value}``. A method *holds* a null
+when the Wilson 95 % interval of its rejection rate contains alpha; it
+*over-rejects* when the interval lies above alpha (the rule by which the
+audit's placebo check flags an adjustment) and is *conservative* when it lies
+below (:func:`null_status`). A calibrated test misses alpha by chance in about
+one cell in twenty.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mbe_helpers.audit import CLAIMS, MAX_PLACEBOS, audit, wilson_interval
+from mbe_helpers.errors import MBEInputError
+from mbe_helpers.metrics import Int, ListOf, Maybe, Num, OneOf, Text, check_parameters
+from mbe_helpers.simulate import METHODS, SCENARIOS, run_calibration
+
+#: How the prose names each method of :func:`mbe_helpers.simulate.method_pvalues`.
+METHOD_LABELS = {
+    "raw": "the unadjusted Spearman test",
+    "rank-t": "the rank-linear adjustment with its t test",
+    "rank-perm": "the rank-linear adjustment with Freedman–Lane permutations",
+    "crossfit": "the cross-fitted adjustment with its GCM test",
+}
+#: Null scenarios whose ledgers are audited for the false-claim rate (those that were run).
+CLAIM_SCENARIOS = ("linear_proxy", "u_proxy", "interaction_proxy", "clustered_null")
+#: The null scenario of the placebo self-calibration (else the first null run).
+PLACEBO_SCENARIO = "u_proxy"
+#: Power a method must reach on every signal for :func:`power_sentence`'s smallest n.
+POWER_GOAL = 0.8
+
+
+# ---------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class Params:
+    """The checked parameters of the chapter (``scenarios`` resolved, ``n_values`` sorted)."""
+
+    n_values: tuple[int, ...]
+    reps: int
+    scenarios: tuple[str, ...]
+    alpha: float
+    focus_n: int
+    claim_reps: int
+    placebos: int
+    seed: int
+    workers: int
+    results_dir: str
+
+    @property
+    def claim_scenarios(self) -> tuple[str, ...]:
+        """The scenarios of :data:`CLAIM_SCENARIOS` that were run, else the first four nulls run."""
+        chosen = tuple(s for s in CLAIM_SCENARIOS if s in self.scenarios)
+        return chosen or tuple(s for s in self.scenarios if SCENARIOS[s].kind == "null")[:4]
+
+    @property
+    def placebo_scenario(self) -> str:
+        """:data:`PLACEBO_SCENARIO` when it was run, else the first null run."""
+        if PLACEBO_SCENARIO in self.scenarios:
+            return PLACEBO_SCENARIO
+        return next(s for s in self.scenarios if SCENARIOS[s].kind == "null")
+
+
+def validate(*, n_values, reps, scenarios, alpha, focus_n, claim_reps, placebos, seed, workers,
+             results_dir) -> Params:
+    """Check every parameter of the chapter; refuse the first bad one in one sentence.
+
+    Raises
+    ------
+    MBEInputError
+        ``"bad parameter: <name> must be <rule>, got <value>."``
+
+    Examples
+    --------
+    >>> p = validate(n_values=[300, 60], reps=20, scenarios=None, alpha=0.05, focus_n=300,
+    ...              claim_reps=20, placebos=50, seed=0, workers=1, results_dir="out")
+    >>> p.n_values, len(p.scenarios) == len(SCENARIOS)
+    ((60, 300), True)
+    """
+    check_parameters([
+        ("n_values", n_values, ListOf(Int(50))), ("reps", reps, Int(10)),
+        ("scenarios", scenarios, Maybe(ListOf(OneOf(tuple(SCENARIOS))))),
+        ("alpha", alpha, Num(0, 0.5)), ("claim_reps", claim_reps, Int(10)),
+        ("placebos", placebos, Int(20, MAX_PLACEBOS)), ("seed", seed, Int(0)),
+        ("workers", workers, Int(1)), ("results_dir", results_dir, Text()),
+    ])
+    check_parameters([("focus_n", focus_n, OneOf(tuple(int(n) for n in n_values)))])
+    names = tuple(scenarios) if scenarios else tuple(SCENARIOS)
+    if not any(SCENARIOS[s].kind == "null" for s in names):
+        nulls = ", ".join(s for s, v in SCENARIOS.items() if v.kind == "null")
+        raise MBEInputError(f"bad parameter: scenarios must include a null scenario ({nulls}), "
+                            f"got {list(names)!r}.")
+    return Params(tuple(sorted(int(n) for n in n_values)), int(reps), names, float(alpha),
+                  int(focus_n), int(claim_reps), int(placebos), int(seed), int(workers),
+                  str(results_dir))
+
+
+# ------------------------------------------------------------------ formats
+def pct(rate: float) -> str:
+    """A rate as a percentage: ``0.05 -> '5 %'``, ``0.035 -> '3.5 %'``, NaN -> ``'–'``.
+
+    Examples
+    --------
+    >>> pct(1.0), pct(0.035), pct(0.0123)
+    ('100 %', '3.5 %', '1.2 %')
+    """
+    if rate is None or not np.isfinite(rate):
+        return "–"
+    value = 100 * float(rate)
+    return f"{value:.0f} %" if abs(value - round(value)) < 1e-9 or value >= 10 else f"{value:.1f} %"
+
+
+def and_join(items: Sequence[str]) -> str:
+    """``['a', 'b', 'c'] -> 'a, b and c'``."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def null_status(lo: float, hi: float, alpha: float) -> str:
+    """``"over"`` when a rate's interval lies above alpha, ``"under"`` below it, else ``"held"``.
+
+    Examples
+    --------
+    >>> null_status(0.06, 0.12, 0.05), null_status(0.0, 0.04, 0.05), null_status(0.03, 0.09, 0.05)
+    ('over', 'under', 'held')
+    """
+    return "over" if lo > alpha else "under" if hi < alpha else "held"
+
+
+def _statuses(cells: pd.DataFrame, alpha: float) -> pd.Series:
+    return pd.Series([null_status(lo, hi, alpha) for lo, hi in zip(cells.lo, cells.hi)],
+                     index=cells.index, dtype=object)
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+# ---------------------------------------------------------------- scenarios
+def scenario_table(scenarios: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per scenario: ``scenario, kind, controls, cluster, truth``."""
+    names = list(scenarios or SCENARIOS)
+    return pd.DataFrame([{"scenario": s, "kind": SCENARIOS[s].kind,
+                          "controls": ", ".join(SCENARIOS[s].controls),
+                          "cluster": SCENARIOS[s].cluster or "", "truth": SCENARIOS[s].truth}
+                         for s in names])
+
+
+def scenario_values(scenarios: Sequence[str]) -> dict:
+    """Counts of the scenarios run: ``n_scenarios, n_nulls, n_signals``."""
+    kinds = [SCENARIOS[s].kind for s in scenarios]
+    return {"n_scenarios": len(kinds), "n_nulls": kinds.count("null"),
+            "n_signals": kinds.count("signal")}
+
+
+# ---------------------------------------------------------- size and power
+def run_size_power(scenarios: Sequence[str], n_values: Sequence[int], reps: int, alpha: float,
+                   seed: int, workers: int) -> pd.DataFrame:
+    """Rejection rates of every method per scenario and n.
+
+    A thin call of :func:`mbe_helpers.simulate.run_calibration` without a
+    progress bar; the table also has ``seconds``, the time of each cell.
+    """
+    return run_calibration(list(scenarios), n=list(n_values), reps=reps, alpha=alpha, seed=seed,
+                           workers=workers, progress=False)
+
+
+def _cells(table: pd.DataFrame, n: int, method: str, kind: str) -> pd.DataFrame:
+    return table[(table.n == n) & (table.method == method) & (table.kind == kind)]
+
+
+def rates_at(table: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The cells at one ``n`` as text ``rate (lo–hi)``: rows (kind, scenario), columns methods.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a"], "kind": ["null"], "n": [300], "method": ["raw"],
+    ...                   "reps": [200], "rejections": [10], "rate": [0.05], "lo": [0.027],
+    ...                   "hi": [0.09]})
+    >>> rates_at(t, 300).loc[("null", "a"), "raw"]
+    '5 % (2.7–9.0 %)'
+    """
+    cells = table[table.n == n].copy()
+    cells["text"] = [f"{pct(r)} ({100 * lo:.1f}–{100 * hi:.1f} %)"
+                     for r, lo, hi in zip(cells.rate, cells.lo, cells.hi)]
+    wide = cells.pivot_table(index=["kind", "scenario"], columns="method", values="text",
+                             aggfunc="first", sort=False)
+    wide = wide[[m for m in METHODS if m in wide.columns]]
+    wide.columns.name = f"n = {n}"
+    return wide
+
+
+def size_sentence(table: pd.DataFrame, method: str, n: int, alpha: float) -> str:
+    """Whether ``method`` holds every null at ``n`` (:func:`null_status`), and which it does not.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "b"], "kind": "null", "n": 300, "method": "rank-t",
+    ...                   "reps": 100, "rate": [0.05, 1.0], "lo": [0.02, 0.96], "hi": [0.11, 1.0]})
+    >>> size_sentence(t, "rank-t", 300, 0.05)
+    'The rank-linear adjustment with its t test holds 1 of 2 nulls at n = 300; it over-rejects b (100 %)'
+    """
+    nulls = _cells(table, n, method, "null")
+    label = _capital(METHOD_LABELS.get(method, method))
+    if nulls.empty:
+        return f"{label} was not run on a null at n = {n}"
+    status = _statuses(nulls, alpha)
+    over = nulls[status == "over"].sort_values("rate", ascending=False)
+    under = nulls[status == "under"].sort_values("rate")
+    if over.empty and under.empty:
+        return (f"{label} holds every null at n = {n}: each Wilson interval contains "
+                f"{pct(alpha)}")
+    parts = []
+    if len(over):
+        parts.append("over-rejects " + _listing(over))
+    if len(under):
+        parts.append("is conservative on " + _listing(under))
+    held = int((status == "held").sum())
+    return f"{label} holds {held} of {len(nulls)} nulls at n = {n}; it " + " and ".join(parts)
+
+
+def _listing(rows: pd.DataFrame) -> str:
+    return and_join([f"{r.scenario} ({pct(r.rate)})" for r in rows.itertuples()])
+
+
+def worst_sentence(table: pd.DataFrame, method: str, n: int) -> str:
+    """The null ``method`` rejects most often at ``n``, with its Wilson interval.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "u_proxy"], "kind": "null", "n": 300, "method": "rank-t",
+    ...                   "reps": 200, "rate": [0.05, 1.0], "lo": [0.02, 0.98], "hi": [0.09, 1.0]})
+    >>> worst_sentence(t, "rank-t", 300)
+    'Its worst null is u_proxy, rejected in 100 % of 200 runs at n = 300 (Wilson 95 % interval 98 % to 100 %)'
+    """
+    nulls = _cells(table, n, method, "null")
+    if nulls.empty:
+        return f"It was not run on a null at n = {n}"
+    worst = nulls.loc[nulls.rate.idxmax()]
+    return (f"Its worst null is {worst.scenario}, rejected in {pct(worst.rate)} of "
+            f"{int(worst.reps)} runs at n = {n} (Wilson 95 % interval {pct(worst.lo)} to "
+            f"{pct(worst.hi)})")
+
+
+def trend_sentence(table: pd.DataFrame, method: str) -> str:
+    """The highest null rejection rate of ``method`` at each n that was run, and on which null.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "b", "a", "b"], "kind": "null", "n": [60, 60, 300, 300],
+    ...                   "method": "crossfit", "rate": [0.04, 0.14, 0.06, 0.05]})
+    >>> trend_sentence(t, "crossfit")
+    'Its highest null rejection rate is 14 % at n = 60 (b) and 6 % at n = 300 (a)'
+    """
+    nulls = table[(table.method == method) & (table.kind == "null")]
+    if nulls.empty:
+        return "It was not run on a null"
+    worst = nulls.loc[nulls.groupby("n").rate.idxmax()].sort_values("n")
+    return ("Its highest null rejection rate is "
+            + and_join([f"{pct(r.rate)} at n = {r.n} ({r.scenario})" for r in worst.itertuples()]))
+
+
+def failures_sentence(table: pd.DataFrame, method: str, alpha: float) -> str:
+    """Every null that ``method`` over-rejects at some n (:func:`null_status`), with where.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "a", "b", "b"], "kind": "null", "n": [60, 300, 60, 300],
+    ...                   "method": "crossfit", "rate": [0.5, 0.9, 0.05, 0.22],
+    ...                   "lo": [0.4, 0.8, 0.02, 0.15], "hi": [0.6, 0.95, 0.1, 0.31]})
+    >>> failures_sentence(t, "crossfit", 0.05)
+    'Over all sizes run it over-rejects a (at every n) and b (22 % at n = 300)'
+    """
+    nulls = table[(table.method == method) & (table.kind == "null")]
+    over = nulls[_statuses(nulls, alpha) == "over"] if len(nulls) else nulls
+    if over.empty:
+        return "Over all sizes run it over-rejects no null"
+    sizes = set(nulls.n)
+    parts = []
+    for name, cells in over.groupby("scenario", sort=False):
+        where = ("at every n" if set(cells.n) == sizes else
+                 and_join([f"{pct(r.rate)} at n = {r.n}" for r in cells.sort_values("n").itertuples()]))
+        parts.append(f"{name} ({where})")
+    return "Over all sizes run it over-rejects " + and_join(parts)
+
+
+def power_sentence(table: pd.DataFrame, method: str, n: int, goal: float = POWER_GOAL) -> str:
+    """Power of ``method`` on each signal at ``n`` and the smallest n with ``goal`` on all of them.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["s", "s"], "kind": "signal", "n": [60, 300],
+    ...                   "method": "crossfit", "reps": 100, "rate": [0.5, 0.9]})
+    >>> power_sentence(t, "crossfit", 300)
+    'It detects s in 90 % of runs at n = 300; the smallest n run at which it has at least 80 % power on every signal is 300'
+    """
+    signals = _cells(table, n, method, "signal")
+    if signals.empty:
+        return f"No signal scenario was run at n = {n}"
+    detects = and_join([f"{r.scenario} in {pct(r.rate)}" for r in signals.itertuples()])
+    lowest = table[(table.method == method) & (table.kind == "signal")].groupby("n").rate.min()
+    enough = lowest[lowest >= goal].index
+    reach = (f"the smallest n run at which it has at least {pct(goal)} power on every signal is "
+             f"{int(min(enough))}" if len(enough)
+             else f"it has at least {pct(goal)} power on every signal at no n that was run")
+    return f"It detects {detects} of runs at n = {n}; {reach}"
+
+
+def method_key(method: str) -> str:
+    """Glue-key form of a method name: ``'rank-t' -> 'rank_t'``."""
+    return method.replace("-", "_")
+
+
+def size_power_values(table: pd.DataFrame, n: int, alpha: float) -> dict:
+    """Every value and sentence of the size-and-power sections.
+
+    Keys: ``reps, alpha_pct, focus_n, n_values_text``, and per
+    method ``m`` (glue form, see :func:`method_key`) ``size_m, worst_m, trend_m,
+    fails_m, power_m`` and ``held_m`` (how many nulls it holds at ``n``).
+    """
+    values = {"reps": int(table.reps.max()), "alpha_pct": pct(alpha), "focus_n": int(n),
+              "n_values_text": and_join([str(v) for v in sorted(table.n.unique())])}
+    for method in [m for m in METHODS if m in set(table.method)]:
+        key = method_key(method)
+        nulls = _cells(table, n, method, "null")
+        values[f"held_{key}"] = int((_statuses(nulls, alpha) == "held").sum())
+        values[f"size_{key}"] = size_sentence(table, method, n, alpha)
+        values[f"worst_{key}"] = worst_sentence(table, method, n)
+        values[f"trend_{key}"] = trend_sentence(table, method)
+        values[f"fails_{key}"] = failures_sentence(table, method, alpha)
+        values[f"power_{key}"] = power_sentence(table, method, n)
+    return values
+
+
+def plot_rates(table: pd.DataFrame, alpha: float, ncols: int = 4):
+    """One panel per scenario: rejection rate against n per method, Wilson 95 % bars, a line at alpha.
+
+    The rate axis has a square-root scale, so that rates near alpha and near
+    one are both readable; every text is at least 8 pt.
+    """
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(table.scenario))
+    methods = [m for m in METHODS if m in set(table.method)]
+    nrows = math.ceil(len(scenarios) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.2 * nrows + 0.6),
+                             sharex=True, sharey=True, squeeze=False)
+    colours = dict(zip(METHODS, ("#7f7f7f", "#d62728", "#ff7f0e", "#1f77b4")))
+    sizes = sorted(table.n.unique())
+    for ax, name in zip(axes.flat, scenarios):
+        cells = table[table.scenario == name]
+        for i, method in enumerate(methods):
+            rows = cells[cells.method == method].sort_values("n")
+            shift = 1 + 0.05 * (i - (len(methods) - 1) / 2)
+            ax.errorbar(rows.n * shift, rows.rate, yerr=[rows.rate - rows.lo, rows.hi - rows.rate],
+                        marker="o", ms=3.5, lw=1.2, capsize=2, color=colours.get(method), label=method)
+        ax.axhline(alpha, color="black", ls="--", lw=0.8)
+        ax.set_title(f"{name} ({cells.kind.iloc[0]})", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in axes.flat[len(scenarios):]:
+        ax.set_visible(False)
+    axes[0, 0].set_xscale("log")
+    axes[0, 0].set_yscale("function", functions=(np.sqrt, np.square))
+    axes[0, 0].set_xticks(sizes, [str(s) for s in sizes])
+    axes[0, 0].minorticks_off()
+    axes[0, 0].set_ylim(0, 1.02)
+    axes[0, 0].set_yticks([0, alpha, 0.2, 0.5, 1], ["0", pct(alpha), "20 %", "50 %", "100 %"])
+    for ax in axes[:, 0]:
+        ax.set_ylabel("rejection rate", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("n (rows per ledger)", fontsize=8)
+    for j, ax in enumerate(axes.flat):
+        if not ax.get_visible() or j + ncols >= len(scenarios):
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("n (rows per ledger)", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles.append(axes[0, 0].get_lines()[-1])
+    labels.append("alpha")
+    spare = list(axes.flat[len(scenarios):])
+    fig.tight_layout(rect=(0, 0 if spare else 0.05, 1, 1))
+    if spare:                                   # the legend fills the empty panels
+        first, last = spare[0].get_position(), spare[-1].get_position()
+        fig.legend(handles, labels, loc="center", ncol=min(len(labels), 2 * len(spare)),
+                   fontsize=9, frameon=False,
+                   bbox_to_anchor=((first.x0 + last.x1) / 2, (first.y0 + first.y1) / 2))
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9,
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
+# ------------------------------------------------------- false-claim rate
+def _claim_task(args: tuple) -> dict:
+    name, n, rep, seed, alpha = args
+    scenario = SCENARIOS[name]
+    rng = np.random.default_rng([seed, n, rep, 11, sum(map(ord, name))])
+    frame = scenario.generate(rng, n)
+    row = {"scenario": name, "rep": rep}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for adjust in ("auto", "rank"):
+            result = audit(frame, ["metric"], "target", list(scenario.controls), adjust=adjust,
+                           cluster=scenario.cluster, seed=seed + rep, alpha=alpha)
+            row[adjust] = str(result.table.classification.iloc[0])
+    return row
+
+
+def _one_blas_thread() -> None:
+    """Pool initializer: one BLAS thread per worker process (the matrices are small)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def claim_rates(scenarios: Sequence[str], n: int, reps: int, alpha: float, seed: int,
+                workers: int) -> pd.DataFrame:
+    """How often the audit's class claims information on null ledgers, under ``auto`` and ``rank``.
+
+    Each of ``reps`` ledgers per scenario (``n`` rows) is audited twice, with
+    ``adjust="auto"`` and ``adjust="rank"``; a *claim* is a class in
+    :data:`mbe_helpers.audit.CLAIMS`. On a null every claim is false.
+
+    Returns
+    -------
+    DataFrame
+        ``scenario, adjust, n, reps, claims, rate, lo, hi, top_class`` (Wilson 95 %
+        interval; ``top_class`` the most frequent class).
+    """
+    from threadpoolctl import threadpool_limits
+
+    tasks = [(name, int(n), rep, seed, alpha) for name in scenarios for rep in range(reps)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers, initializer=_one_blas_thread) as pool:
+            rows = list(pool.map(_claim_task, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
+    else:
+        with threadpool_limits(1):                 # small matrices: BLAS threads only contend
+            rows = [_claim_task(t) for t in tasks]
+    return summarise_claims(pd.DataFrame(rows), n)
+
+
+def summarise_claims(classes: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Claim rates from one row per audited ledger (``scenario``, ``auto``, ``rank`` classes).
+
+    Examples
+    --------
+    >>> c = pd.DataFrame({"scenario": "u", "auto": ["inconclusive", "survives"],
+    ...                   "rank": ["survives", "survives"]})
+    >>> summarise_claims(c, 300)[["adjust", "claims", "rate"]].values.tolist()
+    [['auto', 1, 0.5], ['rank', 2, 1.0]]
+    """
+    records = []
+    for name, group in classes.groupby("scenario", sort=False):
+        for adjust in ("auto", "rank"):
+            claims = int(group[adjust].isin(CLAIMS).sum())
+            lo, hi = wilson_interval(claims, len(group))
+            records.append({"scenario": name, "adjust": adjust, "n": int(n), "reps": len(group),
+                            "claims": claims, "rate": claims / len(group), "lo": lo, "hi": hi,
+                            "top_class": group[adjust].value_counts().index[0]})
+    return pd.DataFrame(records)
+
+
+def claim_values(claims: pd.DataFrame) -> dict:
+    """Values and sentences of the false-claim section.
+
+    Keys: ``claim_n, claim_reps, claim_ledgers, claim_scenarios, claim_rate_auto,
+    claim_rate_rank, claim_worst_auto, claim_worst_rank, claim_sentence``.
+
+    Examples
+    --------
+    >>> c = pd.DataFrame({"scenario": ["u", "u"], "adjust": ["auto", "rank"], "n": 300,
+    ...                   "reps": 100, "claims": [2, 100], "rate": [0.02, 1.0]})
+    >>> claim_values(c)["claim_worst_rank"]
+    'u (100 %)'
+    """
+    values = {"claim_n": int(claims.n.iloc[0]), "claim_reps": int(claims.reps.max()),
+              "claim_scenarios": and_join(list(dict.fromkeys(claims.scenario)))}
+    rates = {}
+    for adjust in ("auto", "rank"):
+        part = claims[claims.adjust == adjust]
+        rates[adjust] = part.claims.sum() / part.reps.sum()
+        worst = part.loc[part.rate.idxmax()]
+        values[f"claim_rate_{adjust}"] = pct(rates[adjust])
+        values[f"claim_worst_{adjust}"] = f"{worst.scenario} ({pct(worst.rate)})"
+    values["claim_ledgers"] = int(claims[claims.adjust == "auto"].reps.sum())
+    if rates["auto"] < rates["rank"]:
+        values["claim_sentence"] = (f"requiring evidence from the cross-fitted test cuts the false "
+                                    f"claims from {pct(rates['rank'])} to {pct(rates['auto'])}")
+    elif rates["auto"] > rates["rank"]:
+        values["claim_sentence"] = (f"against expectation, adjust=\"auto\" claims more often than "
+                                    f"adjust=\"rank\" ({pct(rates['auto'])} against "
+                                    f"{pct(rates['rank'])})")
+    else:
+        values["claim_sentence"] = (f"both adjustments claim information equally often "
+                                    f"({pct(rates['auto'])})")
+    return values
+
+
+# ------------------------------------------------------------- placebos
+def placebo_check(scenario: str, n: int, placebos: int, alpha: float, seed: int) -> pd.DataFrame:
+    """The placebo self-calibration of one simulated null ledger, under ``auto`` and ``rank``.
+
+    Returns
+    -------
+    DataFrame
+        ``requested, classification`` (the metric's class) followed by the
+        columns of :attr:`mbe_helpers.audit.AuditResult.calibration`, one row
+        per (requested adjustment, placebo kind).
+    """
+    spec = SCENARIOS[scenario]
+    frame = spec.generate(np.random.default_rng([seed, n, 13, sum(map(ord, scenario))]), n)
+    tables = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for adjust in ("auto", "rank"):
+            result = audit(frame, ["metric"], "target", list(spec.controls), adjust=adjust,
+                           cluster=spec.cluster, placebos=placebos, alpha=alpha, seed=seed)
+            table = result.calibration.copy()
+            table.insert(0, "classification", result.classification("metric"))
+            table.insert(0, "requested", adjust)
+            tables.append(table)
+    out = pd.concat(tables, ignore_index=True)
+    out.attrs["scenario"], out.attrs["n"] = scenario, int(n)
+    return out
+
+
+def placebo_values(placebo: pd.DataFrame, scenario: str, n: int) -> dict:
+    """Values and sentences of the placebo section.
+
+    Keys: ``placebo_scenario, placebo_n, placebo_k``, and per requested
+    adjustment ``a`` in (auto, rank): ``placebo_class_a, placebo_used_a,
+    placebo_noise_a, placebo_proxy_a, placebo_flag_a``; ``placebo_sentence``.
+    """
+    values = {"placebo_scenario": scenario, "placebo_n": int(n), "placebo_k": int(placebo.K.max())}
+    flagged = {}
+    for adjust in ("auto", "rank"):
+        part = placebo[placebo.requested == adjust].set_index("kind")
+        flagged[adjust] = bool((part.lo > part.alpha).any())
+        values[f"placebo_class_{adjust}"] = str(part.classification.iloc[0])
+        values[f"placebo_used_{adjust}"] = str(part.adjust.iloc[0])
+        for kind in ("noise", "proxy"):
+            values[f"placebo_{kind}_{adjust}"] = pct(part.rate.get(kind, np.nan))
+        values[f"placebo_flag_{adjust}"] = ("flags the adjustment as untrustworthy" if flagged[adjust]
+                                            else "raises no flag")
+    if flagged["rank"] and not flagged["auto"]:
+        values["placebo_sentence"] = ("the placebos catch the rank-linear adjustment on this ledger "
+                                      "and clear the one adjust=\"auto\" used")
+    elif flagged["rank"] and flagged["auto"]:
+        values["placebo_sentence"] = "the placebos flag both adjustments on this ledger"
+    elif flagged["auto"]:
+        values["placebo_sentence"] = ("against expectation, the placebos flag the adjustment of "
+                                      "adjust=\"auto\" and clear the rank-linear one")
+    else:
+        values["placebo_sentence"] = ("the placebos flag neither adjustment on this ledger, so here "
+                                      "they do not warn of the rank-linear failure")
+    return values
+
+
+# --------------------------------------------------------------- verdict
+def holders(table: pd.DataFrame, n: int, alpha: float) -> list[str]:
+    """Methods that over-reject no null at ``n`` (no Wilson interval above alpha)."""
+    out = []
+    for method in [m for m in METHODS if m in set(table.method)]:
+        nulls = _cells(table, n, method, "null")
+        if len(nulls) and not (_statuses(nulls, alpha) == "over").any():
+            out.append(method)
+    return out
+
+
+def holders_sentence(table: pd.DataFrame, n: int, alpha: float) -> str:
+    """Which methods over-reject no null at ``n`` (or which comes closest).
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "a"], "kind": "null", "n": 300,
+    ...                   "method": ["rank-t", "crossfit"], "rate": [0.5, 0.06],
+    ...                   "lo": [0.4, 0.03], "hi": [0.6, 0.1]})
+    >>> holders_sentence(t, 300, 0.05)
+    'at n = 300 only crossfit rejects no null significantly more often than 5 %'
+    """
+    kept = holders(table, n, alpha)
+    claim = f"significantly more often than {pct(alpha)}"
+    if len(kept) == 1:
+        return f"at n = {n} only {kept[0]} rejects no null {claim}"
+    if kept:
+        return f"at n = {n} {and_join(kept)} reject no null {claim}"
+    nulls = table[(table.n == n) & (table.kind == "null")]
+    over = (nulls.assign(over=_statuses(nulls, alpha) == "over")
+            .groupby("method").over.agg(["sum", "size"]))
+    best = over["sum"].reindex([m for m in METHODS if m in over.index]).idxmin()
+    failing = nulls[(nulls.method == best) & (_statuses(nulls, alpha) == "over")]
+    return (f"at n = {n} every method rejects some null {claim}; the fewest such nulls are "
+            f"{int(over.loc[best, 'sum'])} of {int(over.loc[best, 'size'])}, for {best}: "
+            f"{_listing(failing.sort_values('rate', ascending=False))}")
+
+
+def verdict(table: pd.DataFrame, n: int, alpha: float) -> dict:
+    """The closing values: ``verdict_focus, verdict_largest, largest_n, verdict_power``.
+
+    ``verdict_power`` gives, for each method that keeps size at ``n`` (see
+    :func:`holders`), its lowest power there over the signals.
+    """
+    largest = int(table.n.max())
+    kept = holders(table, n, alpha)
+    values = {"verdict_focus": holders_sentence(table, n, alpha),
+              "verdict_largest": (holders_sentence(table, largest, alpha) if largest != n
+                                  else f"n = {n} is also the largest sample size that was run"),
+              "largest_n": largest}
+    signals = table[(table.n == n) & (table.kind == "signal") & table.method.isin(kept)]
+    if signals.empty:
+        values["verdict_power"] = f"no method that keeps size at n = {n} has a power to report"
+    else:
+        lowest = signals.groupby("method", sort=False).rate.min()
+        values["verdict_power"] = (f"the lowest power on a signal at n = {n} is "
+                                   + and_join([f"{pct(r)} for {m}" for m, r in lowest.items()]))
+    return values
+
+
+__all__ = ["CLAIM_SCENARIOS", "METHOD_LABELS", "PLACEBO_SCENARIO", "POWER_GOAL", "Params",
+           "and_join", "claim_rates", "claim_values", "failures_sentence", "holders",
+           "holders_sentence", "method_key", "null_status", "pct", "placebo_check",
+           "placebo_values", "plot_rates", "power_sentence", "rates_at", "run_size_power",
+           "scenario_table", "scenario_values", "size_power_values",
+           "size_sentence", "summarise_claims", "trend_sentence", "validate", "verdict",
+           "worst_sentence"]
