@@ -43,7 +43,8 @@ from mbe_helpers.simulate import Scenario, method_pvalues  # noqa: E402
 print(f"\nmbe_helpers crossfit (cluster = config_id) on the peer's scenarios, n = 300, {args.reps} reps")
 start = time.perf_counter()
 for peer in PEER_SCENARIOS:
-    ours = Scenario(peer.name, "signal" if "increment" in peer.expected_profile else "null",
+    signal = peer.expected_profile in ("increment-survives", "increment-after-environment-control")
+    ours = Scenario(peer.name, "signal" if signal else "null",
                     tuple(peer.controls), peer.generator, peer.explanation, cluster="config_id")
     hits = [method_pvalues(peer.generator(np.random.default_rng([rep, 300]), 300), ours,
                            np.random.default_rng(rep), methods=("crossfit",))["crossfit"] < 0.05

@@ -318,18 +318,18 @@ def method_pvalues(frame: pd.DataFrame, scenario: Scenario, rng: np.random.Gener
 def _calibration_cell(args) -> list[dict]:
     from threadpoolctl import threadpool_limits
 
-    name, n, reps, seed, methods = args
+    name, n, first, last, seed, methods = args
     scenario = SCENARIOS[name]
     start = time.perf_counter()
     with threadpool_limits(1):                    # small matrices: threads only contend
-        rows = _simulate_cell(name, scenario, n, reps, seed, methods)
+        rows = _simulate_cell(name, scenario, n, range(first, last), seed, methods)
     seconds = time.perf_counter() - start
     return [{**row, "seconds": seconds} for row in rows]
 
 
 def _simulate_cell(name, scenario, n, reps, seed, methods) -> list[dict]:
     rejections = {m: [] for m in methods}
-    for rep in range(reps):
+    for rep in reps:
         rng = np.random.default_rng([seed, n, rep, sum(map(ord, name))])
         frame = scenario.generate(rng, n)
         for method, p in method_pvalues(frame, scenario, rng, methods).items():
@@ -371,7 +371,9 @@ def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (
         from mbe_helpers.errors import MBEInputError
 
         raise MBEInputError(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
-    cells = [(name, int(size), reps, seed, tuple(methods)) for name in names for size in n]
+    chunk = max(1, -(-reps // 4))                       # a cell in 4 chunks: workers share big cells
+    cells = [(name, int(size), first, min(first + chunk, reps), seed, tuple(methods))
+             for name in names for size in n for first in range(0, reps, chunk)]
     cells.sort(key=lambda c: -c[1])                      # big cells first balance the workers
     rows = []
     bar = tqdm(total=len(cells), desc="calibration", disable=not progress)
@@ -385,7 +387,9 @@ def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (
             rows += _calibration_cell(cell)
             bar.update()
     bar.close()
-    table = pd.DataFrame(rows)
+    table = (pd.DataFrame(rows).groupby(["scenario", "kind", "n", "method"], sort=False)
+             .agg(p=("p", lambda parts: np.concatenate(list(parts))), seconds=("seconds", "sum"))
+             .reset_index())
     table["reps"] = table.p.map(len)
     table["rejections"] = table.p.map(lambda p: int(np.sum(p < alpha)))
     table["rate"] = table.rejections / table.reps
