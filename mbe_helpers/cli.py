@@ -161,6 +161,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     bad = [p for p in args.out if p.suffix.lower() not in (".md", ".csv")]
     if bad:
         raise MBEInputError(f"--out must end in .md or .csv, got {bad[0]}.")
+    clash = [p for p in args.out if p.resolve() == args.csv.resolve()]
+    if clash:
+        raise MBEInputError(f"--out {clash[0]} is the input file; write the report to another path "
+                            "so the runs are not overwritten.")
     runs = read_runs(args.csv)
     result = audit(runs, args.metrics, args.target, args.controls, groupby=args.groupby,
                    bootstrap=args.bootstrap, permutations=args.permutations, cluster=args.cluster,
@@ -170,15 +174,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for path in args.out:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".md":
-            path.write_text(result.to_markdown(), encoding="utf-8")
+            _write_atomic(path, result.to_markdown())
         else:
-            result.to_frame().to_csv(path, index=False)
+            _write_atomic(path, result.to_frame().to_csv(index=False))
             if len(result.calibration):
                 calibration = path.with_name(path.stem + "_calibration.csv")
-                result.calibration.to_csv(calibration, index=False)
+                _write_atomic(calibration, result.calibration.to_csv(index=False))
                 print(f"wrote {calibration}")
         print(f"wrote {path}")
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: a kill never leaves half a report."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,6 +115,14 @@ def test_audit_bad_calibration_flags(capsys, runs_csv: Path, flags, message) -> 
     assert status == 2 and message in one_error_line(capsys.readouterr().err)
 
 
+def test_audit_refuses_to_overwrite_its_input(capsys, runs_csv: Path) -> None:
+    before = runs_csv.read_bytes()
+    status = main(["audit", str(runs_csv), "--metrics", "loss_proxy", "--target", "final_acc",
+                   "--out", str(runs_csv)])
+    assert status == 2 and "is the input file" in one_error_line(capsys.readouterr().err)
+    assert runs_csv.read_bytes() == before
+
+
 def test_audit_groupby_and_permutations(capsys, runs_csv: Path) -> None:
     status = main(["audit", str(runs_csv), "--metrics", "simpson_metric", "--target", "final_acc",
                    "--controls", "early_loss,arch", "--groupby", "arch", "--permutations", "200",
