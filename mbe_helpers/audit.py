@@ -569,7 +569,13 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
            "n_dropped": int((~mask).sum()), "controls": ",".join(controls), "note": "",
            "adjust": "rank" if settings.adjust == "rank" else settings.adjust}
     if strict:
+        local = [c for c in _constant_columns(clean, controls) if c not in _constant_columns(frame, controls)]
+        controls = [c for c in controls if c not in local]
+        row["controls"] = ",".join(controls)
         _require_rows(clean, metric, target, controls)
+        if local:
+            row["note"] = (f"constant in this metric's complete rows, not controlled: "
+                           f"{', '.join(local)}")
     else:
         dropped = _constant_columns(clean, controls)
         controls = [c for c in controls if c not in dropped]
@@ -665,7 +671,8 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
           bootstrap: int = 0, permutations: int = 0, cluster: str | None = None,
           blocks: str | None = None, seed: int = 0, effect: float = EFFECT,
           washout: float = WASHOUT, ci: float = 0.95, adjust: str = "auto", folds: int = 5,
-          placebos: int = 0, alpha: float = ALPHA, interval: str = "fisher-z") -> AuditResult:
+          placebos: int = 0, alpha: float = ALPHA, interval: str = "fisher-z",
+          dedupe: bool = False) -> AuditResult:
     r"""Audit metrics against a target after controlling for baselines and design.
 
     Parameters
@@ -718,6 +725,10 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
         Level of the evidence rules and of the placebo calibration.
     interval : {"fisher-z", "percentile"}
         Bootstrap interval type (see :func:`_bootstrap`).
+    dedupe : bool
+        Keep one of each group of rows identical in every audited column
+        (the same run recorded twice). By default they are kept, counted in
+        ``n_duplicates`` and warned about.
 
     Returns
     -------
@@ -761,18 +772,74 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
                             f"{', '.join(map(str, df.columns))}")
     if len(set(metrics)) != len(metrics):
         raise MBEInputError("a metric is listed twice; list each metric once")
+    if not isinstance(dedupe, (bool, np.bool_)):
+        raise MBEInputError(f"dedupe must be True or False, got {dedupe!r}")
     _check_folds_and_clusters(df, settings)
     groups = [("all", df, controls, True)]
     if groupby:
         inner = [c for c in controls if c != groupby]
         groups += [(f"{groupby}={level}", frame, inner, False)
                    for level, frame in df.groupby(groupby, sort=True)]
-    rows = [_audit_one(frame, m, target, ctrl, name, settings, strict, i)
-            for name, frame, ctrl, strict in groups for i, m in enumerate(metrics)]
+    if dedupe:
+        df = df.drop_duplicates(subset=_audited_columns(metrics, target, controls, groupby, cluster))
+        groups = [("all", df, controls, True)] + [
+            (f"{groupby}={level}", frame, [c for c in controls if c != groupby], False)
+            for level, frame in (df.groupby(groupby, sort=True) if groupby else [])]
+    rows = _isolated_rows(groups, metrics, target, settings)
+    _count_duplicates(rows, groups, target, settings, dedupe)
     calibration = _placebo_table(groups, target, settings)
     return AuditResult(table=_finish_table(rows, settings), data=df, metrics=metrics,
                        target=target, controls=controls, groupby=groupby,
                        settings=vars(settings), calibration=calibration)
+
+
+def _audited_columns(metrics, target, controls, groupby, cluster) -> list[str]:
+    return list(dict.fromkeys([*metrics, target, *controls, *([groupby] if groupby else []),
+                               *([cluster] if cluster else [])]))
+
+
+def _isolated_rows(groups, metrics: list[str], target: str, settings: _Settings) -> list[dict]:
+    """Audit every metric in every group; one bad metric gets a NaN row with its reason.
+
+    Only when every metric of the pooled audit is refused is the first reason raised.
+    """
+    rows, refused = [], []
+    for name, frame, controls, strict in groups:
+        for i, metric in enumerate(metrics):
+            try:
+                rows.append(_audit_one(frame, metric, target, controls, name, settings, strict, i))
+            except MBEInputError as exc:
+                refused.append(exc) if strict else None
+                rows.append({"group": name, "metric": metric, "n": 0, "n_dropped": len(frame),
+                             "raw_r": np.nan, "raw_p": np.nan, "partial_r": np.nan,
+                             "partial_p": np.nan, "diff": np.nan, "adjust": settings.adjust,
+                             "classification": "insufficient-data", "controls": ",".join(controls),
+                             "note": str(exc)})
+    if len(refused) == len(metrics):
+        raise refused[0]
+    return rows
+
+
+def _count_duplicates(rows: list[dict], groups, target: str, settings: _Settings,
+                      dedupe: bool) -> None:
+    """``n_duplicates``: rows identical to another in every audited column of that metric."""
+    frames = {name: (frame, controls) for name, frame, controls, _ in groups}
+    total = 0
+    for row in rows:
+        frame, controls = frames[row["group"]]
+        columns = [row["metric"], target, *[c for c in controls if c != row["metric"]],
+                   *([settings.cluster] if settings.cluster else [])]
+        count = int(frame.duplicated(subset=list(dict.fromkeys(columns))).sum())
+        row["n_duplicates"] = count
+        if count and not dedupe:
+            total = max(total, count)
+            _note(row, f"{count} rows repeat another row in every audited column, which shrinks "
+                       "p-values; pass dedupe=True (CLI --dedupe) to keep one of each")
+    if total:
+        import warnings
+
+        warnings.warn(f"{total} duplicated runs (identical in every audited column) are counted "
+                      "more than once; pass dedupe=True to keep one of each", UserWarning, stacklevel=3)
 
 
 def _check_folds_and_clusters(df: pd.DataFrame, settings: _Settings) -> None:
@@ -1085,6 +1152,8 @@ class AuditResult:
             shown = shown.drop(columns="group")
         if not shown.n_dropped.any():
             shown = shown.drop(columns="n_dropped")
+        if "n_duplicates" in self.table and self.table.n_duplicates.any():
+            shown.insert(2, "n_duplicates", self.table.n_duplicates)
         return shown
 
     def _caption(self) -> str:

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=None, help="resample whole groups of this column in the bootstrap")
     p.add_argument("--adjust", default="auto", help="auto (default), rank (published MBE) or crossfit")
     p.add_argument("--folds", type=int, default=5, help="folds of the cross-fitted adjustment")
+    p.add_argument("--dedupe", action="store_true",
+                   help="keep one of each group of runs identical in every audited column")
     p.add_argument("--placebos", type=int, default=200,
                    help="noise and proxy placebos per group for the self-calibration (0: none)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -169,7 +171,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     result = audit(runs, args.metrics, args.target, args.controls, groupby=args.groupby,
                    bootstrap=args.bootstrap, permutations=args.permutations, cluster=args.cluster,
                    seed=args.seed, effect=args.effect, washout=args.washout, adjust=args.adjust,
-                   folds=args.folds, placebos=args.placebos)
+                   folds=args.folds, placebos=args.placebos, dedupe=args.dedupe)
     result.show(console=_console())
     for path in args.out:
         path.parent.mkdir(parents=True, exist_ok=True)

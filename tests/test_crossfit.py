@@ -169,3 +169,33 @@ def test_gcm_is_cluster_robust():
     robust = crossfit.gcm_test(shared[0] + rng.normal(size=400), shared[1] + rng.normal(size=400),
                                clusters)
     assert robust.dof == 39 and naive.dof == 399
+
+
+# ----------------------------------------------------------------- robustness (issue 12)
+
+def test_one_bad_metric_gets_its_own_nan_row():
+    runs = u_proxy(200).assign(empty=np.nan)
+    table = audit(runs, ["metric", "empty"], "target", "b", adjust="rank").table.set_index("metric")
+    assert table.loc["metric", "classification"] == "survives"
+    assert table.loc["empty", "classification"] == "insufficient-data"
+    assert "only 0 complete rows" in table.loc["empty", "note"]
+
+
+def test_control_constant_in_one_metrics_rows_is_dropped_for_that_metric():
+    runs = u_proxy(200)
+    runs["stage"] = np.where(np.arange(200) < 100, 1.0, 2.0)
+    runs["late"] = np.where(runs.stage == 1.0, np.nan, runs.metric)      # complete only where stage=2
+    table = audit(runs, ["metric", "late"], "target", ["b", "stage"], adjust="rank").table
+    late = table.set_index("metric").loc["late"]
+    assert late.controls == "b" and "not controlled: stage" in late.note and late.n == 100
+
+
+def test_duplicated_runs_are_counted_warned_and_deduped():
+    rng = np.random.default_rng(0)
+    base = pd.DataFrame({"m": rng.normal(size=6), "y": rng.normal(size=6), "c": rng.normal(size=6)})
+    repeated = pd.concat([base] * 10, ignore_index=True)
+    with pytest.warns(UserWarning, match="duplicated runs"):
+        row = audit(repeated, "m", "y", "c", adjust="rank").table.iloc[0]
+    assert row.n_duplicates == 54 and "dedupe=True" in row.note
+    clean = audit(repeated, "m", "y", "c", adjust="rank", dedupe=True).table.iloc[0]
+    assert clean.n == 6 and clean.n_duplicates == 0
