@@ -47,6 +47,7 @@ CLASSES = ("insufficient-data", "washout", "sign-inversion", "reverse-inversion"
 ADJUSTMENTS = ("auto", "rank", "crossfit")
 INTERVALS = ("fisher-z", "percentile")
 MAX_PLACEBOS = 10_000
+MAX_BOOTSTRAP = 100_000
 #: Classes that claim the metric carries information beyond the controls.
 CLAIMS = ("survives", "hidden-after-control", "sign-inversion", "reverse-inversion")
 _CHUNK_ELEMENTS = 2_000_000  # bootstrap work is chunked to bound memory
@@ -302,6 +303,10 @@ def _as_frame(data) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame):
         return data
     if isinstance(data, Mapping):
+        scalars = [name for name, col in data.items() if np.ndim(col) == 0]
+        if scalars:
+            raise MBEInputError(f"column {scalars[0]!r} is a single value, not a column; give one "
+                                "value per run (a list or array) for every column")
         lengths = {name: len(np.atleast_1d(np.asarray(col, dtype=object))) for name, col in data.items()}
         if len(set(lengths.values())) > 1:
             detail = ", ".join(f"{k!r} has {v}" for k, v in lengths.items())
@@ -342,9 +347,19 @@ def _check_request(df: pd.DataFrame, metrics: list[str], target: str, controls: 
     if target in metrics:
         raise MBEInputError(f"the target {target!r} is also listed as a metric; "
                             "a metric cannot be audited against itself")
+    if len(df) == 0:
+        raise MBEInputError("the table has no rows (only a header); give one row per trained run")
     for name in [*metrics, target]:
+        if pd.api.types.is_complex_dtype(df[name]):
+            raise MBEInputError(f"column {name!r} holds complex numbers; audit its real part or its "
+                                "magnitude (np.abs) instead")
         if not (pd.api.types.is_numeric_dtype(df[name]) and not pd.api.types.is_bool_dtype(df[name])):
             raise MBEInputError(f"column {name!r} must be numeric (it has dtype {df[name].dtype})")
+    if groupby:
+        levels = df[groupby].nunique(dropna=True)
+        if levels > max(20, len(df) // 2):
+            raise MBEInputError(f"groupby {groupby!r} has {levels} levels for {len(df)} rows, so most "
+                                "groups hold one run; group by a categorical column or bin it first")
 
 
 def _is_numeric(series: pd.Series) -> bool:
@@ -877,6 +892,9 @@ def _check_settings(bootstrap, permutations, effect, washout, ci, seed, cluster,
         raise MBEInputError(f"unknown interval {interval!r}; choose one of {', '.join(INTERVALS)}")
     if folds < 2:
         raise MBEInputError(f"folds must be at least 2 (cross-fitting needs a held-out fold), got {folds}")
+    if bootstrap > MAX_BOOTSTRAP:
+        raise MBEInputError(f"bootstrap={bootstrap} is more than the limit of {MAX_BOOTSTRAP}; 2000 "
+                            "resamples already give 95 % intervals to about ±0.01")
     if placebos > MAX_PLACEBOS:
         raise MBEInputError(f"placebos={placebos} is more than the limit of {MAX_PLACEBOS}; "
                             "200 already measures a rejection rate to about ±3 points")

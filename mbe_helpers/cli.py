@@ -145,13 +145,27 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def read_runs(path: Path) -> Any:
-    """Read a CSV of runs, refusing a missing or unreadable file in one sentence."""
+    """Read a CSV (or TSV) of runs, refusing a missing, unreadable or ambiguous file in one sentence.
+
+    The separator is sniffed from the header line (comma, semicolon, tab); a
+    header that names a column twice is refused rather than renamed.
+    """
+    import csv
+
     import pandas as pd
 
     if not path.is_file():
         raise MBEInputError(f"no such file: {path}.")
     try:
-        return pd.read_csv(path)
+        with path.open(encoding="utf-8", newline="") as handle:
+            header = handle.readline()
+        separator = max(",;\t", key=header.count) if header.strip() else ","
+        names = next(csv.reader([header], delimiter=separator)) if header.strip() else []
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise MBEInputError(f"{path} names column {repeated[0]!r} more than once in its header; "
+                                "give every column a distinct name.")
+        return pd.read_csv(path, sep=separator)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise MBEInputError(f"could not read {path} as CSV: {book._first_line(str(exc))}.") from None
 
