@@ -150,8 +150,8 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
     if adjusted_ok and (raw_ok or claimed in ("survives", "hidden-after-control")):
         return claimed, ""
     missing = "the adjusted association" if not adjusted_ok else "the raw association"
-    mde = crossfit.minimum_detectable_r(n, alpha)
-    needed = crossfit.rows_to_detect(adjusted, alpha)
+    mde = crossfit.minimum_detectable_r(n, alpha) if n > 3 else float("nan")
+    needed = crossfit.rows_to_detect(adjusted, alpha) if 0 < abs(adjusted) < 1 else "many"
     return "inconclusive", (f"{claimed} not shown: {missing} is not significant; at n = {n} the "
                             f"smallest |rho| detectable with 80 % power is {mde:.2f}, and "
                             f"|rho| = {abs(adjusted):.2f} would need about {needed} rows")
@@ -301,6 +301,10 @@ def _control_rank(design: _Design) -> int:
 def _as_frame(data) -> pd.DataFrame:
     """Accept a DataFrame or a mapping of equal-length columns."""
     if isinstance(data, pd.DataFrame):
+        repeated = data.columns[data.columns.duplicated()].unique().tolist()
+        if repeated:
+            raise MBEInputError(f"column name {repeated[0]!r} appears more than once; give every "
+                                "column a distinct name")
         return data
     if isinstance(data, Mapping):
         scalars = [name for name, col in data.items() if np.ndim(col) == 0]
@@ -347,6 +351,9 @@ def _check_request(df: pd.DataFrame, metrics: list[str], target: str, controls: 
     if target in metrics:
         raise MBEInputError(f"the target {target!r} is also listed as a metric; "
                             "a metric cannot be audited against itself")
+    if target in controls:
+        raise MBEInputError(f"the target {target!r} is also listed as a control; controlling for "
+                            "the target removes everything, so drop it from the controls")
     if len(df) == 0:
         raise MBEInputError("the table has no rows (only a header); give one row per trained run")
     for name in [*metrics, target]:
@@ -892,6 +899,9 @@ def _check_settings(bootstrap, permutations, effect, washout, ci, seed, cluster,
         raise MBEInputError(f"unknown interval {interval!r}; choose one of {', '.join(INTERVALS)}")
     if folds < 2:
         raise MBEInputError(f"folds must be at least 2 (cross-fitting needs a held-out fold), got {folds}")
+    if permutations > MAX_BOOTSTRAP:
+        raise MBEInputError(f"permutations={permutations} is more than the limit of {MAX_BOOTSTRAP}; "
+                            "10000 already resolve p-values down to 1e-4")
     if bootstrap > MAX_BOOTSTRAP:
         raise MBEInputError(f"bootstrap={bootstrap} is more than the limit of {MAX_BOOTSTRAP}; 2000 "
                             "resamples already give 95 % intervals to about ±0.01")

@@ -154,6 +154,8 @@ def read_runs(path: Path) -> Any:
 
     import pandas as pd
 
+    if path.is_dir():
+        raise MBEInputError(f"{path} is a folder; give the CSV file of runs inside it.")
     if not path.is_file():
         raise MBEInputError(f"no such file: {path}.")
     try:
@@ -177,6 +179,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     bad = [p for p in args.out if p.suffix.lower() not in (".md", ".csv")]
     if bad:
         raise MBEInputError(f"--out must end in .md or .csv, got {bad[0]}.")
+    folders = [p for p in args.out if p.is_dir()]
+    if folders:
+        raise MBEInputError(f"--out {folders[0]} is a folder; give a file name such as "
+                            f"{folders[0] / 'report.md'}.")
     clash = [p for p in args.out if p.resolve() == args.csv.resolve()]
     if clash:
         raise MBEInputError(f"--out {clash[0]} is the input file; write the report to another path "

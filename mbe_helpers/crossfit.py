@@ -105,6 +105,8 @@ import pandas as pd
 from scipy import stats
 from scipy.interpolate import BSpline
 
+from mbe_helpers.errors import MBEInputError
+
 #: Below this many complete rows the audit's ``adjust="auto"`` uses the rank-linear adjustment.
 MIN_ROWS = 40
 #: Fewest rows (or clusters) per fold that ``adjust="auto"`` accepts for cross-fitting.
@@ -180,7 +182,14 @@ def control_basis(numeric: np.ndarray | None = None,
     """
     columns = [] if numeric is None else [np.asarray(c) for c in np.asarray(numeric, dtype=float).T]
     columns += [] if categorical is None else [np.asarray(c) for c in np.asarray(categorical, dtype=object).T]
-    n = len(columns[0]) if columns else int(n or 0)
+    if not columns and not n:
+        raise MBEInputError("control_basis needs controls or, without any, the number of rows n")
+    if len({len(c) for c in columns}) > 1:
+        raise MBEInputError("numeric and categorical controls have different numbers of rows; "
+                            "give one value per run in each")
+    if numeric is not None and not np.isfinite(np.asarray(numeric, dtype=float)).all():
+        raise MBEInputError("numeric controls contain NaN or infinite values; drop those rows first")
+    n = len(columns[0]) if columns else int(n)
     main, low, kinds = [], [], []
     for index, column in enumerate(columns):
         is_numeric = numeric is not None and index < np.shape(numeric)[1]
@@ -210,6 +219,12 @@ def fold_ids(n: int, folds: int, seed: int = 0, clusters: np.ndarray | None = No
     >>> fold_ids(6, 3, seed=1, clusters=np.array([0, 0, 1, 1, 2, 2]))[::2].tolist()
     [0, 1, 2]
     """
+    units = n if clusters is None else len(pd.unique(np.asarray(clusters)))
+    if clusters is not None and len(clusters) != n:
+        raise MBEInputError(f"clusters has {len(clusters)} entries for {n} rows; give one per row")
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or not 2 <= folds <= units:
+        raise MBEInputError(f"folds must be an integer from 2 to the {units} rows (or clusters), "
+                            f"got {folds!r}")
     rng = np.random.default_rng(seed)
     if clusters is None:
         return rng.permutation(np.arange(n) % folds)
@@ -422,6 +437,11 @@ def gcm_test(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None = Non
     >>> round(t.r, 2), t.p < 1e-10, t.lo < t.r < t.hi
     (0.76, True, True)
     """
+    if len(e_m) != len(e_y):
+        raise MBEInputError(f"the residual vectors have different lengths ({len(e_m)} and "
+                            f"{len(e_y)}); give one residual per row in each")
+    if not 0 < ci < 1:
+        raise MBEInputError(f"ci must be a coverage between 0 and 1, got {ci!r}")
     single = np.ndim(e_m) == 1
     e_m = np.asarray(e_m, dtype=float).reshape(len(e_m), -1)
     e_y = np.asarray(e_y, dtype=float).reshape(-1, 1)
@@ -472,10 +492,18 @@ def minimum_detectable_r(n: int, alpha: float = 0.05, power: float = 0.8, k: int
     >>> round(minimum_detectable_r(60), 2)
     0.35
     """
+    _check_levels(alpha, power)
     dof = n - 3 - k
     if dof <= 0:
-        return float("nan")
+        raise MBEInputError(f"n = {n} rows leave no degrees of freedom for a correlation with "
+                            f"{k} control(s); it needs at least {k + 4}")
     return float(np.tanh((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) / np.sqrt(dof)))
+
+
+def _check_levels(alpha: float, power: float) -> None:
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise MBEInputError(f"alpha and power must lie strictly between 0 and 1, got alpha={alpha!r}, "
+                            f"power={power!r}")
 
 
 def rows_to_detect(r: float, alpha: float = 0.05, power: float = 0.8, k: int = 0) -> int:
@@ -486,7 +514,8 @@ def rows_to_detect(r: float, alpha: float = 0.05, power: float = 0.8, k: int = 0
     >>> rows_to_detect(0.2)
     194
     """
-    if not np.isfinite(r) or r == 0:
-        return -1
+    _check_levels(alpha, power)
+    if not np.isfinite(r) or not 0 < abs(r) < 1:
+        raise MBEInputError(f"r must be a nonzero correlation strictly between -1 and 1, got {r!r}")
     z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
     return int(np.ceil((z / np.arctanh(min(abs(r), 0.999999))) ** 2 + 3 + k))

@@ -365,12 +365,22 @@ def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (
     from mbe_helpers.audit import wilson_interval
     from tqdm.auto import tqdm
 
-    names = list(scenarios or SCENARIOS)
+    from mbe_helpers.errors import MBEInputError
+
+    names = [scenarios] if isinstance(scenarios, str) else list(scenarios or SCENARIOS)
     unknown = [s for s in names if s not in SCENARIOS]
     if unknown:
-        from mbe_helpers.errors import MBEInputError
-
         raise MBEInputError(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
+    bad_methods = [m for m in methods if m not in METHODS]
+    if bad_methods:
+        raise MBEInputError(f"unknown method {bad_methods[0]!r}; methods: {', '.join(METHODS)}")
+    for name, value, least in (("reps", reps, 1), ("workers", workers, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise MBEInputError(f"{name} must be an integer of at least {least}, got {value!r}")
+    if not all(isinstance(v, (int, np.integer)) and v >= 20 for v in n):
+        raise MBEInputError(f"every sample size must be an integer of at least 20, got {list(n)}")
+    if not 0 < alpha < 0.5:
+        raise MBEInputError(f"alpha must be a level between 0 and 0.5, got {alpha!r}")
     chunk = max(1, -(-reps // 4))                       # a cell in 4 chunks: workers share big cells
     cells = [(name, int(size), first, min(first + chunk, reps), seed, tuple(methods))
              for name in names for size in n for first in range(0, reps, chunk)]
