@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "book" / "05_audit_calibration.ipynb"
 STEM = "05_audit_calibration"
-DEFAULTS = dict(n_values=[60, 150, 300, 1000], reps=100, scenarios=None, alpha=0.05, focus_n=300,
-                claim_reps=100, placebos=200, seed=0, workers=2, results_dir="out")
+DEFAULTS = dict(n_values=[60, 150, 300, 1000], reps=200, scenarios=None, alpha=0.05, focus_n=300,
+                claim_reps=200, placebos=200, seed=0, workers=2, results_dir="out")
 
 # Rejections out of REPS per (scenario, n, method): u_proxy breaks the rank-linear tests and
 # gets worse with n, crossfit holds both nulls, the signal is found by all from n = 300.
