@@ -514,6 +514,13 @@ def _interval(values: np.ndarray, point: float, ci: float, interval: str,
     return float(np.tanh(centre - spread)), float(np.tanh(centre + spread))
 
 
+def _control_span(design: _Design) -> np.ndarray:
+    """Orthonormal basis of :math:`Z = [1, \operatorname{rank}(B_{num}), \operatorname{onehot}(B_{cat})]`."""
+    z = np.column_stack([np.ones(design.n), *[stats.rankdata(c) for c in design.numeric.T],
+                         *design.onehot.T])
+    return np.linalg.qr(z)[0][:, : np.linalg.matrix_rank(z)]
+
+
 def _permutation_p(design: _Design, n_perm: int, blocks: np.ndarray | None,
                    rng: np.random.Generator) -> float:
     r"""Freedman-Lane permutation p-value of the partial correlation.
@@ -527,11 +534,7 @@ def _permutation_p(design: _Design, n_perm: int, blocks: np.ndarray | None,
     the test anti-conservative at small n (7 % at n = 60 with 8 controls).
     """
     ranked = np.stack([stats.rankdata(design.metric), stats.rankdata(design.target)], axis=1)
-    basis = np.ones((design.n, 1))
-    if design.k:
-        z = np.column_stack([stats.rankdata(c) for c in design.numeric.T] + list(design.onehot.T))
-        basis = np.column_stack([basis, z])
-    q = np.linalg.qr(basis)[0][:, : np.linalg.matrix_rank(basis)]
+    q = _control_span(design)
     res = ranked - q @ (q.T @ ranked)
     e_m, e_y = res[:, 0], res[:, 1]
     norm_m = np.linalg.norm(e_m)
@@ -797,16 +800,13 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
     if not isinstance(dedupe, (bool, np.bool_)):
         raise MBEInputError(f"dedupe must be True or False, got {dedupe!r}")
     _check_folds_and_clusters(df, settings)
+    if dedupe:
+        df = df.drop_duplicates(subset=_audited_columns(metrics, target, controls, groupby, cluster))
     groups = [("all", df, controls, True)]
     if groupby:
         inner = [c for c in controls if c != groupby]
         groups += [(f"{groupby}={level}", frame, inner, False)
                    for level, frame in df.groupby(groupby, sort=True)]
-    if dedupe:
-        df = df.drop_duplicates(subset=_audited_columns(metrics, target, controls, groupby, cluster))
-        groups = [("all", df, controls, True)] + [
-            (f"{groupby}={level}", frame, [c for c in controls if c != groupby], False)
-            for level, frame in (df.groupby(groupby, sort=True) if groupby else [])]
     rows = _isolated_rows(groups, metrics, target, settings)
     _count_duplicates(rows, groups, target, settings, dedupe)
     calibration = _placebo_table(groups, target, settings)
@@ -1052,7 +1052,7 @@ def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settin
     if adjust == "crossfit":
         p_all = _crossfit_placebo_p(y, stacked, numeric, categorical, clusters, settings, rng)
     else:
-        p_all = _rank_placebo_p(y, stacked, clean, controls)
+        p_all = _rank_placebo_p(y, stacked, clean, target, controls)
     out = []
     for position, kind in enumerate(kinds):
         p = p_all[position * k:(position + 1) * k]
@@ -1075,14 +1075,9 @@ def _crossfit_placebo_p(y, columns, numeric, categorical, clusters, settings, rn
     return crossfit.wild_gcm_p(residuals[:, 1:], residuals[:, 0], fits, settings.draws, rng, clusters)
 
 
-def _rank_placebo_p(y, columns, clean, controls) -> np.ndarray:
+def _rank_placebo_p(y, columns, clean, target, controls) -> np.ndarray:
     """Rank-partial t-test p-values of many placebo columns against one target."""
-    numeric, categorical = _control_arrays(clean, controls)
-    ranks = [] if numeric is None else [stats.rankdata(c) for c in numeric.T]
-    if categorical is not None:
-        ranks += list(pd.get_dummies(pd.DataFrame(categorical), drop_first=True).to_numpy(float).T)
-    z = np.column_stack([np.ones(len(y)), *ranks])
-    q = np.linalg.qr(z)[0][:, : np.linalg.matrix_rank(z)]
+    q = _control_span(_build_design(clean, target, target, controls))
     ranked = np.column_stack([stats.rankdata(y), stats.rankdata(columns, axis=0)])
     res = ranked - q @ (q.T @ ranked)
     e_y, e_p = res[:, 0], res[:, 1:]

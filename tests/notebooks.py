@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cells(path: Path) -> list[dict]:
@@ -30,3 +33,13 @@ def glue_roles(path: Path) -> set[str]:
     """Keys pasted with {glue:text} in the markdown cells."""
     text = "\n".join(source(c) for c in cells(path) if c["cell_type"] == "markdown")
     return {m.split(":")[0] for m in re.findall(r"\{glue:text\}`([^`]+)`", text)}
+
+
+def copy_book(tmp_path: Path) -> Path:
+    """A private copy of the book so runs do not touch the user's _build/ and results/."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    return root

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,12 @@ import pytest
 
 from mbe_helpers.cli import main
 from mbe_helpers.simulate import simulate_method_cases
+from notebooks import copy_book
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def copy_book(tmp_path: Path) -> Path:
-    """A private copy of the book so runs do not touch the user's _build/ and results/."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    for name in ("_config.yml", "_toc.yml"):
-        shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-    return root
 
 
 def one_error_line(err: str) -> str:

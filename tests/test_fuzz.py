@@ -9,7 +9,6 @@ Each case is ``(case_id, callable(tmp_path), expected_message_regex)``.
 from __future__ import annotations
 
 import importlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from mbe_helpers import crossfit, data, feedback, fisher, grid, protocol, simula
 from mbe_helpers.cli import main
 from mbe_helpers.errors import MBEInputError
 from mbe_helpers.models import MLP, ResidualMLP
+from notebooks import copy_book
 
 audit_mod = importlib.import_module("mbe_helpers.audit")  # the package re-exports audit() over it
 
@@ -355,13 +355,6 @@ def test_library_refuses_bad_input(case_id, call, regex, tmp_path):
 # Command-line cases                                                          #
 # --------------------------------------------------------------------------- #
 
-def copy_book(tmp: Path) -> Path:
-    root = tmp / "repo"
-    root.mkdir()
-    for name in ("_config.yml", "_toc.yml"):
-        shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "book", root / "book", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
-    return root
 
 
 def audit_argv(csv: Path, *extra: str) -> list[str]:
