@@ -577,6 +577,9 @@ class _Settings:
     alpha: float = ALPHA
     interval: str = "fisher-z"
     draws: int = 999
+    #: one control basis (and its cached fold spectra) per set of rows and controls, shared by
+    #: the metrics and the placebos audited on the same rows within one call of :func:`audit`
+    bases: dict = field(default_factory=dict, repr=False)
 
 
 def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str],
@@ -669,9 +672,7 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
                    f"{problem}")
         return {**empty, "adjust": adjust}
     try:
-        numeric, categorical = _control_arrays(clean, controls)
-        basis = crossfit.control_basis(numeric, categorical, n=len(clean))
-        folds = crossfit.fold_ids(len(clean), settings.folds, settings.seed, clusters)
+        basis, folds = _basis_and_folds(clean, controls, clusters, settings)
         responses = np.column_stack([clean[target].to_numpy(float), clean[metric].to_numpy(float)])
         residuals, fits = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
         test = crossfit.gcm_test(residuals[:, 1], residuals[:, 0], clusters, settings.ci,
@@ -1050,7 +1051,7 @@ def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settin
     y = clean[target].to_numpy(float)
     stacked = np.column_stack(list(kinds.values()))
     if adjust == "crossfit":
-        p_all = _crossfit_placebo_p(y, stacked, numeric, categorical, clusters, settings, rng)
+        p_all = _crossfit_placebo_p(y, stacked, clean, controls, clusters, settings, rng)
     else:
         p_all = _rank_placebo_p(y, stacked, clean, target, controls)
     out = []
@@ -1068,9 +1069,20 @@ def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settin
     return out
 
 
-def _crossfit_placebo_p(y, columns, numeric, categorical, clusters, settings, rng) -> np.ndarray:
-    basis = crossfit.control_basis(numeric, categorical, n=len(y))
-    folds = crossfit.fold_ids(len(y), settings.folds, settings.seed, clusters)
+def _basis_and_folds(clean: pd.DataFrame, controls: list[str], clusters, settings: _Settings):
+    """The learner's basis of ``controls`` on these rows and the fold of each row (cached per call)."""
+    columns = [*controls, *([settings.cluster] if settings.cluster else [])]
+    values = pd.util.hash_pandas_object(clean[columns], index=False) if columns else len(clean)
+    key = (tuple(columns), len(clean), np.asarray(values).tobytes())   # the basis depends on values only
+    if key not in settings.bases:
+        numeric, categorical = _control_arrays(clean, controls)
+        settings.bases[key] = (crossfit.control_basis(numeric, categorical, n=len(clean)),
+                               crossfit.fold_ids(len(clean), settings.folds, settings.seed, clusters))
+    return settings.bases[key]
+
+
+def _crossfit_placebo_p(y, columns, clean, controls, clusters, settings, rng) -> np.ndarray:
+    basis, folds = _basis_and_folds(clean, controls, clusters, settings)
     residuals, fits = crossfit.crossfit_residuals(basis, np.column_stack([y, columns]), folds, keep=0)
     return crossfit.wild_gcm_p(residuals[:, 1:], residuals[:, 0], fits, settings.draws, rng, clusters)
 

@@ -98,7 +98,7 @@ Examples
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -126,6 +126,9 @@ class ControlBasis:
 
     main: np.ndarray          # (n, p_main)
     interactions: np.ndarray  # (n, p_int)
+    #: per (training rows, interaction scale): the training fold's spectrum, computed once and
+    #: shared by every call on this basis (the target, the metrics and the placebos)
+    spectra: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -257,20 +260,34 @@ def _spectrum(x: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return (x @ v) / d, d, test @ v
 
 
-def _ridge_gcv_predict(train: np.ndarray, test: np.ndarray, y: np.ndarray):
+def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, scale: float):
+    """``(mean, u, d, test_v)`` of the centred training basis at this interaction scale, cached."""
+    key = (train.tobytes(), scale)
+    if key not in basis.spectra:
+        x = np.hstack([basis.main, scale * basis.interactions]) if scale else basis.main
+        mean_x = x[train].mean(axis=0)
+        if x.shape[1] == 0:
+            basis.spectra[key] = (mean_x, None, None, None)
+        else:
+            basis.spectra[key] = (mean_x, *_spectrum(x[train] - mean_x, x[test] - mean_x))
+    return basis.spectra[key]
+
+
+def _ridge_gcv_predict(spectrum, y: np.ndarray, n_test: int):
     """Out-of-fold predictions of every column of ``y`` (n_train, R) by ridge tuned by GCV.
 
-    Returns ``(test_predictions (n_test, R), gcv_scores (R,), fit)``; ``fit``
-    predicts new response columns with the same penalties (see :func:`refit_residuals`).
+    ``spectrum`` is :func:`_fold_spectrum`'s. Returns ``(test_predictions
+    (n_test, R), gcv_scores (R,), fit)``; ``fit`` predicts new response
+    columns with the same penalties (see :func:`refit_residuals`).
     """
-    mean_x, mean_y = train.mean(axis=0), y.mean(axis=0)
-    x, yc = train - mean_x, y - mean_y
-    n = len(x)
-    if x.shape[1] == 0:
-        return (np.broadcast_to(mean_y, (len(test), y.shape[1])).copy(), (yc**2).sum(0) / n,
-                (np.zeros((len(test), 0)), np.zeros((y.shape[1], 0)), np.zeros((n, 0)),
+    _, u, d, test_v = spectrum
+    mean_y = y.mean(axis=0)
+    yc = y - mean_y
+    n = len(yc)
+    if u is None:
+        return (np.broadcast_to(mean_y, (n_test, y.shape[1])).copy(), (yc**2).sum(0) / n,
+                (np.zeros((n_test, 0)), np.zeros((y.shape[1], 0)), np.zeros((n, 0)),
                  np.ones(y.shape[1])))
-    u, d, test_v = _spectrum(x, test - mean_x)
     a = u.T @ yc                                             # (r, R)
     total = (yc**2).sum(axis=0)                              # (R,)
     lam = _PENALTIES[:, None] * np.mean(d**2)                # (L, 1)
@@ -291,17 +308,22 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     Each column of ``responses`` is ranked and scaled to (0, 1]; on every
     fold it is predicted from the basis by ridge regression fitted on the
     other folds, with the penalty and the scale of the interaction block
-    chosen per response by GCV inside the training rows.
+    chosen per response by GCV inside the training rows. The folds' spectra
+    are cached on ``basis``, so residualising more columns later on the same
+    basis and folds costs only matrix products.
 
     Parameters
     ----------
     basis : ControlBasis
     responses : (n, R) array
     folds : (n,) int array of fold numbers
+    keep : int, optional
+        Also return the fits chosen for response ``keep`` (for :func:`refit_residuals`).
 
     Returns
     -------
-    (n, R) array of residuals :math:`\operatorname{rank}(V)/n - \hat f_{-k}(B)`.
+    (n, R) array of residuals :math:`\operatorname{rank}(V)/n - \hat f_{-k}(B)`
+    (and a :class:`KeptFits` when ``keep`` is given).
 
     Examples
     --------
@@ -312,7 +334,7 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     True
     """
     responses = np.asarray(responses, dtype=float)
-    ranked = np.column_stack([stats.rankdata(c) for c in responses.T]) / len(responses)
+    ranked = stats.rankdata(responses, axis=0) / len(responses)
     out = np.empty_like(ranked)
     operators, dof = [], np.zeros(ranked.shape[1])
     for fold in np.unique(folds):
@@ -321,8 +343,8 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         for scale in _INTERACTION_SCALES:
             if scale and basis.interactions.shape[1] == 0:
                 continue
-            x = np.hstack([basis.main, scale * basis.interactions]) if scale else basis.main
-            pred, score, op = _ridge_gcv_predict(x[train], x[test], ranked[train])
+            spectrum = _fold_spectrum(basis, train, test, scale)
+            pred, score, op = _ridge_gcv_predict(spectrum, ranked[train], int(test.sum()))
             if best_pred is None:
                 best_pred, best_score, best_op, best_dof = pred, score, op, op[3].copy()
             else:
@@ -335,7 +357,7 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         dof += best_dof / len(np.unique(folds))
         if keep is not None:
             xt, w, u, _ = best_op
-            operators.append((test, train, xt, w[keep], u))
+            operators.append((test, train, (xt * w[keep]) @ u.T))   # the fold's hat matrix
     if keep is not None:
         return out, KeptFits(operators, dof)
     return out
@@ -352,11 +374,10 @@ class KeptFits:
 def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
     """Residualise new columns (n, B) with the fits kept by ``crossfit_residuals(keep=j)``."""
     out = np.empty_like(columns)
-    for test, train, xt, w, u in operators.folds:
+    for test, train, hat in operators.folds:
         tr = columns[train]
         mean = tr.mean(axis=0)
-        pred = xt @ (w[:, None] * (u.T @ (tr - mean))) + mean
-        out[test] = columns[test] - pred
+        out[test] = columns[test] - (hat @ (tr - mean) + mean)
     return out
 
 
