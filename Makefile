@@ -30,8 +30,9 @@ test: $(STAMP) browser
 book: $(STAMP)
 	$(BIN)/mbe-book build --profile $(PROFILE)
 
+# JupyterLab refuses to start as root without --allow-root (containers, CI machines).
 lab: $(STAMP)
-	$(BIN)/jupyter lab book/
+	$(BIN)/jupyter lab book/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: $(STAMP)
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

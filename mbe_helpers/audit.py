@@ -515,7 +515,7 @@ def _interval(values: np.ndarray, point: float, ci: float, interval: str,
 
 
 def _control_span(design: _Design) -> np.ndarray:
-    """Orthonormal basis of :math:`Z = [1, \operatorname{rank}(B_{num}), \operatorname{onehot}(B_{cat})]`."""
+    r"""Orthonormal basis of :math:`Z = [1, \operatorname{rank}(B_{num}), \operatorname{onehot}(B_{cat})]`."""
     z = np.column_stack([np.ones(design.n), *[stats.rankdata(c) for c in design.numeric.T],
                          *design.onehot.T])
     return np.linalg.qr(z)[0][:, : np.linalg.matrix_rank(z)]

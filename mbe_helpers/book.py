@@ -16,7 +16,14 @@ optionally, its entry in ``profiles.yml``) is all a chapter needs.
 
 Running a chapter executes it with papermill and the ``python3`` kernel, in
 the ``book/`` folder, writing ``_build/executed/<profile>/<chapter>.ipynb``;
-the runner injects ``results_dir = results/<profile>/<chapter>`` (absolute).
+the runner injects ``results_dir = results/<profile>/<chapter>`` (relative to
+the repository root). Parameters are checked against the chapter's schema
+(:mod:`mbe_helpers.chapters.params`) before a kernel starts. A run whose
+parameters differ from its profile's is a *custom* run: it goes to
+``_build/executed/custom/<chapter>-<digest>.ipynb`` and
+``results/custom/<chapter>-<digest>/`` and never touches a profile's files.
+A notebook is executed into a temporary file and replaces the previous one
+only when every cell ran; a failed run is kept as ``<chapter>.failed.ipynb``.
 Building the book runs every chapter, stages the executed notebooks next to
 ``_config.yml``, ``_toc.yml`` and the pages in ``_build/stage/`` with
 execution switched off, and calls ``jupyter-book build`` (1.x) so that the
@@ -257,11 +264,73 @@ def resolve_parameters(chapter: Chapter, profile: str = "default",
     overrides = dict(overrides or {})
     check_names(chapter, overrides)
     params = {**chapter.profiles.get(profile, {}), **overrides}
-    for name, value in params.items():
-        check_value(chapter, name, value)
     if results_dir is not None and "results_dir" in chapter.parameters:
         params.setdefault("results_dir", str(results_dir))
+    check_parameters(chapter, params)
     return params
+
+
+def check_parameters(chapter: Chapter, params: Mapping[str, Any]) -> None:
+    """Check the chapter's full parameter set (defaults, then ``params``) before a kernel starts.
+
+    Chapters of this book are checked by their schema in
+    :data:`mbe_helpers.chapters.params.SCHEMAS`; a notebook added without one
+    gets the type check of :func:`check_value`.
+    """
+    from mbe_helpers.chapters import params as schemas
+
+    if chapter.stem in schemas.SCHEMAS:
+        schemas.check(chapter.stem, {**chapter.defaults(), **params})
+        return
+    for name, value in params.items():
+        check_value(chapter, name, value)
+
+
+def parameter_digest(chapter: Chapter, params: Mapping[str, Any]) -> str:
+    """Eight hex digits naming the full parameter set of a run (``results_dir`` left out).
+
+    Examples
+    --------
+    >>> ch = Chapter("00_x", Path("x.ipynb"), {"n": Parameter("n", 1)})
+    >>> parameter_digest(ch, {"n": 2}) == parameter_digest(ch, {"n": 2, "results_dir": "a"})
+    True
+    """
+    from mbe_helpers.chapters.params import digest
+
+    return digest({**chapter.defaults(), **params})
+
+
+def run_location(root: str | Path, profile: str, chapter: Chapter,
+                 overrides: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+    """``(executed notebook, artifact folder)`` of a run.
+
+    The profile's own paths when the overrides leave every parameter as the
+    profile sets it; otherwise ``_build/executed/custom/<stem>-<digest>.ipynb``
+    and ``results/custom/<stem>-<digest>``.
+
+    Examples
+    --------
+    >>> ch = Chapter("00_x", Path("x.ipynb"), {"n": Parameter("n", 1)}, {"smoke": {"n": 2}})
+    >>> [p.as_posix() for p in run_location("r", "smoke", ch, {"n": 2})]
+    ['r/_build/executed/smoke/00_x.ipynb', 'r/results/smoke/00_x']
+    >>> run_location("r", "smoke", ch, {"n": 3})[1].as_posix()
+    'r/results/custom/00_x-4ba3321a'
+    """
+    profile_values = {**chapter.profiles.get(profile, {})}
+    given = {k: v for k, v in (overrides or {}).items() if k != "results_dir"}
+    if all(profile_values.get(k, chapter.defaults().get(k)) == v for k, v in given.items()):
+        return executed_path(root, profile, chapter), results_path(root, profile, chapter)
+    name = f"{chapter.stem}-{parameter_digest(chapter, {**profile_values, **given})}"
+    return (Path(root) / "_build" / "executed" / "custom" / f"{name}.ipynb",
+            Path(root) / "results" / "custom" / name)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the repository root when inside it (no machine paths in the book)."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 # ------------------------------------------------------------------ registry
@@ -353,27 +422,36 @@ def execute_chapter(chapter: Chapter, profile: str = "default",
         When a cell raises; the partly executed notebook is kept.
     """
     root = Path(root) if root is not None else find_root()
-    output = Path(output) if output else executed_path(root, profile, chapter)
-    results = Path(results_dir) if results_dir else results_path(root, profile, chapter)
-    params = resolve_parameters(chapter, profile, overrides, results.resolve())
+    default_output, default_results = run_location(root, profile, chapter, overrides)
+    output = Path(output) if output else default_output
+    results = Path(results_dir) if results_dir else default_results
+    params = resolve_parameters(chapter, profile, overrides, _relative(results, root))
     output.parent.mkdir(parents=True, exist_ok=True)
     import papermill as pm  # heavy; only for runs
 
     bar = {"desc": chapter.stem, "leave": True} if progress else False
+    running = output.with_name(f".{output.stem}.running.ipynb")
+    failed = output.with_name(f"{output.stem}.failed.ipynb")
     try:
         with _inline_figures():
-            pm.execute_notebook(chapter.path, output, parameters=params, kernel_name=KERNEL,
+            pm.execute_notebook(chapter.path, running, parameters=params, kernel_name=KERNEL,
                                 cwd=str(chapter.path.parent), progress_bar=bar, log_output=False,
                                 extra_arguments=KERNEL_ARGS)
     except pm.PapermillExecutionError as exc:
+        os.replace(running, failed)
         raise ChapterError(
             f"chapter {chapter.stem} failed in cell [{exc.exec_count}] with "
-            f"{exc.ename}: {_first_line(exc.evalue).rstrip('.')} (executed notebook kept at {output})."
+            f"{exc.ename}: {_first_line(exc.evalue).rstrip('.')} (failed notebook kept at {failed}; "
+            f"the previous {output.name} is untouched)."
         ) from None
     except Exception as exc:  # kernel missing, bad notebook, ...
+        if running.exists():
+            os.replace(running, failed)
         raise ChapterError(
             f"chapter {chapter.stem} could not run: {type(exc).__name__}: {_first_line(str(exc))}."
         ) from exc
+    os.replace(running, output)
+    failed.unlink(missing_ok=True)
     return output
 
 

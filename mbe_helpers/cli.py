@@ -129,11 +129,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = args.root or book.find_root()
     chapter = book.get_chapter(args.chapter, root)
     book.check_profile(args.profile)
+    names = [name for name, _ in args.parameter]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise MBEInputError(f"parameter {twice[0]!r} is given more than once with -p; give it once.")
     overrides = {name: book.parse_value(value) for name, value in args.parameter}
+    book.resolve_parameters(chapter, args.profile, overrides)      # refuse bad values before a kernel
+    out, results = book.run_location(root, args.profile, chapter, overrides)
     out = book.execute_chapter(chapter, args.profile, overrides, root=root, progress=not args.no_progress)
-    print(f"executed {chapter.stem} ({args.profile}): {out}")
-    results = overrides.get("results_dir", book.results_path(root, args.profile, chapter))
-    print(f"artifacts: {results}")
+    kind = "custom parameters" if "custom" in out.parts else args.profile
+    print(f"executed {chapter.stem} ({kind}): {book._relative(out, Path(root))}")
+    print(f"artifacts: {book._relative(Path(overrides.get('results_dir', results)), Path(root))}")
     return 0
 
 

@@ -41,12 +41,8 @@ the positive and negative controls landed where they must,
 :func:`rank_associations` shows what a metric follows instead and
 :func:`outcome_sentence` puts an outcome class into words.
 
-Parameter checks
-----------------
-:func:`check_parameters` with the rules :class:`Int`, :class:`Num`,
-:class:`OneOf`, :class:`ListOf`, :class:`Range`, :class:`Maybe` and
-:class:`Text` is the validation cell of both chapters: it refuses the first
-bad value in one sentence (:class:`~mbe_helpers.errors.MBEInputError`).
+The chapters' parameters are checked by their schemas in
+:mod:`mbe_helpers.chapters.params`.
 """
 
 from __future__ import annotations
@@ -622,110 +618,3 @@ def control_checks(summary: pd.DataFrame, *, positive: str, negative: str, audit
         rows.append({"control": kind, "metric": metric, "partial": r[f"partial_{audit_name}"],
                      "perm_p": p, "class": cls, "expected": expected, "landed": bool(landed)})
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- #
-# Parameter checks of the chapters                                            #
-# --------------------------------------------------------------------------- #
-
-class Rule:
-    """A rule a chapter parameter must obey: ``ok(value)`` and a phrase for the message."""
-
-    phrase = "valid"
-
-    def ok(self, value: Any) -> bool:  # pragma: no cover - overridden
-        return True
-
-
-class Int(Rule):
-    """An integer (not a bool) in ``[low, high]`` (``high=None``: no upper bound)."""
-
-    def __init__(self, low: int, high: int | None = None):
-        self.low, self.high = low, high
-        self.phrase = (f"an integer of at least {low}" if high is None
-                       else f"an integer from {low} to {high}")
-
-    def ok(self, value: Any) -> bool:
-        return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-                and self.low <= value and (self.high is None or value <= self.high))
-
-
-class Num(Rule):
-    """A real number in the open interval ``(low, high)``, or ``[low, ...`` with ``closed_low``."""
-
-    def __init__(self, low: float, high: float | None = None, *, closed_low: bool = False):
-        self.low, self.high, self.closed_low = low, high, closed_low
-        left = f"at least {low}" if closed_low else f"above {low}"
-        self.phrase = f"a number {left}" + ("" if high is None else f" and below {high}")
-
-    def ok(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-            return False
-        above = value >= self.low if self.closed_low else value > self.low
-        return bool(above and (self.high is None or value < self.high))
-
-
-class OneOf(Rule):
-    """One of a fixed set of values."""
-
-    def __init__(self, options: Sequence[Any]):
-        self.options = tuple(options)
-        self.phrase = "one of " + ", ".join(map(str, self.options))
-
-    def ok(self, value: Any) -> bool:
-        return any(value == o and type(value) is type(o) for o in self.options)
-
-
-class ListOf(Rule):
-    """A list of at least ``min_len`` distinct values, each obeying ``rule``."""
-
-    def __init__(self, rule: Rule, min_len: int = 1):
-        self.rule, self.min_len = rule, min_len
-        self.phrase = f"a list of at least {min_len} distinct values, each {rule.phrase}"
-
-    def ok(self, value: Any) -> bool:
-        return (isinstance(value, (list, tuple)) and len(value) >= self.min_len
-                and len(set(value)) == len(value) and all(self.rule.ok(v) for v in value))
-
-
-class Range(Rule):
-    """A pair ``[low, high]`` with ``low <= high``, both obeying ``rule``."""
-
-    def __init__(self, rule: Rule):
-        self.rule = rule
-        self.phrase = f"a pair [low, high] with low <= high, each {rule.phrase}"
-
-    def ok(self, value: Any) -> bool:
-        return (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(self.rule.ok(v) for v in value) and value[0] <= value[1])
-
-
-class Maybe(Rule):
-    """``None`` or a value obeying ``rule``."""
-
-    def __init__(self, rule: Rule):
-        self.rule = rule
-        self.phrase = f"None or {rule.phrase}"
-
-    def ok(self, value: Any) -> bool:
-        return value is None or self.rule.ok(value)
-
-
-class Text(Rule):
-    """A non-empty string."""
-
-    phrase = "a non-empty string"
-
-    def ok(self, value: Any) -> bool:
-        return isinstance(value, str) and value.strip() != ""
-
-
-def check_parameters(checks: Sequence[tuple[str, Any, Rule]]) -> None:
-    """Refuse the first parameter that breaks its rule, in one sentence.
-
-    ``checks`` is a list of ``(name, value, rule)``; raises
-    :class:`MBEInputError` ``"bad parameter: <name> must be <phrase>, got <value>."``.
-    """
-    for name, value, rule in checks:
-        if not rule.ok(value):
-            raise MBEInputError(f"bad parameter: {name} must be {rule.phrase}, got {value!r}.")

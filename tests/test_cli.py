@@ -50,7 +50,10 @@ def test_list_shows_parameters_defaults_comments_and_profiles(capsys) -> None:
     (["run", "method", "-p", "epochs", "3"], "unknown parameter 'epochs' for chapter 00_method; "
                                              "known parameters: n, metric_noise"),
     (["run", "method", "--profile", "fast"], "unknown profile 'fast'; known profiles: smoke, default, paper."),
-    (["run", "method", "-p", "n", "many"], "parameter 'n' of chapter 00_method expects int"),
+    (["run", "method", "-p", "n", "many"], "bad parameter: n must be a valid integer, got 'many'."),
+    (["run", "method", "-p", "n", "10"], "bad parameter: n must be greater than or equal to 50, got 10."),
+    (["run", "calibration_controls", "-p", "seeds", "[0]"],
+     "bad parameter: seeds must have at least 2 items, got [0]."),
 ])
 def test_run_refuses_bad_names_in_one_sentence(capsys, args: list[str], expected: str) -> None:
     assert main(["--root", str(REPO), *args]) == 2
@@ -159,13 +162,32 @@ def test_mbe_book_run_smoke_writes_notebook_and_results(tmp_path: Path) -> None:
                            "-p", "seed", "0"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     executed = root / "_build" / "executed" / "smoke" / "00_method.ipynb"
-    assert str(executed) in proc.stdout
+    assert "_build/executed/smoke/00_method.ipynb" in proc.stdout
     injected = next(c for c in executed_cells(executed) if "injected-parameters" in c["metadata"].get("tags", []))
     source = "".join(injected["source"])
     assert "n = 400" in source and "n_bootstrap = 200" in source and "seed = 0" in source
+    assert 'results_dir = "results/smoke/00_method"' in source and str(root) not in source
     results = root / "results" / "smoke" / "00_method"
     assert {"audit.csv", "verdict.csv", "runs.csv", "loss_proxy.png"} <= {p.name for p in results.iterdir()}
     assert "00_method: 100%" in proc.stderr  # the progress bar
+
+
+@pytest.mark.slow
+def test_custom_rerun_never_touches_the_profile_run(tmp_path: Path) -> None:
+    root = copy_book(tmp_path)
+    run = [BIN / "mbe-book", "--root", str(root), "run", "00_method", "--profile", "smoke", "--no-progress"]
+    assert subprocess.run(run, capture_output=True, text=True, check=False).returncode == 0
+    profile_files = {p: p.read_bytes() for p in [root / "_build/executed/smoke/00_method.ipynb",
+                                                  *(root / "results/smoke/00_method").iterdir()]}
+    bad = subprocess.run([*run, "-p", "n", "-5"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "bad parameter: n must be greater than or equal to 50" in bad.stderr
+    custom = subprocess.run([*run, "-p", "n", "300"], capture_output=True, text=True, check=False)
+    assert custom.returncode == 0, custom.stderr[-2000:]
+    folder = next((root / "results" / "custom").iterdir())
+    assert folder.name.startswith("00_method-") and f"artifacts: results/custom/{folder.name}" in custom.stdout
+    assert pd.read_csv(folder / "audit.csv").n.eq(300).all()
+    assert (root / "_build" / "executed" / "custom" / f"{folder.name}.ipynb").is_file()
+    assert {p: p.read_bytes() for p in profile_files} == profile_files   # the profile run untouched
 
 
 @pytest.mark.slow

@@ -300,34 +300,6 @@ def test_outcome_sentences_cover_every_class() -> None:
         M.outcome_sentence("great")
 
 
-# ----------------------------------------------------------------- parameter checks
-
-
-@pytest.mark.parametrize(("name", "value", "rule", "ok"), [
-    ("n", 3, M.Int(1), True), ("n", 0, M.Int(1), False), ("n", True, M.Int(0), False),
-    ("n", 5, M.Int(1, 4), False), ("x", 0.5, M.Num(0, 1), True), ("x", 0, M.Num(0), False),
-    ("x", 0, M.Num(0, closed_low=True), True), ("x", "1", M.Num(0), False),
-    ("o", "sgd", M.OneOf(("adam", "sgd")), True), ("o", 1, M.OneOf((1.0,)), False),
-    ("l", [10, 20, 30], M.ListOf(M.Int(10), 3), True), ("l", [10, 10, 30], M.ListOf(M.Int(10), 3), False),
-    ("r", [0.1, 0.2], M.Range(M.Num(0)), True), ("r", [0.2, 0.1], M.Range(M.Num(0)), False),
-    ("m", None, M.Maybe(M.Int(1)), True), ("t", " ", M.Text(), False),
-])
-def test_parameter_rules(name, value, rule, ok) -> None:
-    if ok:
-        M.check_parameters([(name, value, rule)])
-    else:
-        with pytest.raises(MBEInputError, match=rf"^bad parameter: {name} must be .*, got .*\.$"):
-            M.check_parameters([(name, value, rule)])
-
-
-def test_check_parameters_names_the_first_problem() -> None:
-    with pytest.raises(MBEInputError) as info:
-        M.check_parameters([("a", 1, M.Int(0)), ("sizes", [5], M.ListOf(M.Int(10), 3)),
-                            ("b", -1, M.Int(0))])
-    assert str(info.value) == ("bad parameter: sizes must be a list of at least 3 distinct values, "
-                               "each an integer of at least 10, got [5].")
-
-
 # ----------------------------------------------------------------- figures
 
 

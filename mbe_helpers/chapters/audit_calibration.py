@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mbe_helpers.audit import CLAIMS, MAX_PLACEBOS, audit, wilson_interval
-from mbe_helpers.errors import MBEInputError
-from mbe_helpers.metrics import Int, ListOf, Maybe, Num, OneOf, Text, check_parameters
+from mbe_helpers.audit import CLAIMS, audit, wilson_interval
+from mbe_helpers.chapters.params import AuditCalibrationParams, check
 from mbe_helpers.simulate import METHODS, SCENARIOS, run_calibration
 
+STEM = "05_audit_calibration"
 #: How the prose names each method of :func:`mbe_helpers.simulate.method_pvalues`.
 METHOD_LABELS = {
     "raw": "the unadjusted Spearman test",
@@ -67,7 +67,7 @@ class Params:
     placebos: int
     seed: int
     workers: int
-    results_dir: str
+    checked: AuditCalibrationParams      # the schema's validated values (``artifact_dir()``)
 
     @property
     def claim_scenarios(self) -> tuple[str, ...]:
@@ -83,14 +83,13 @@ class Params:
         return next(s for s in self.scenarios if SCENARIOS[s].kind == "null")
 
 
-def validate(*, n_values, reps, scenarios, alpha, focus_n, claim_reps, placebos, seed, workers,
-             results_dir) -> Params:
-    """Check every parameter of the chapter; refuse the first bad one in one sentence.
+def validate(**values) -> Params:
+    """Check every parameter of the chapter (:class:`~mbe_helpers.chapters.params.AuditCalibrationParams`).
 
     Raises
     ------
     MBEInputError
-        ``"bad parameter: <name> must be <rule>, got <value>."``
+        ``"bad parameter: <name> <rule>, got <value>."``
 
     Examples
     --------
@@ -99,22 +98,10 @@ def validate(*, n_values, reps, scenarios, alpha, focus_n, claim_reps, placebos,
     >>> p.n_values, len(p.scenarios) == len(SCENARIOS)
     ((60, 300), True)
     """
-    check_parameters([
-        ("n_values", n_values, ListOf(Int(50))), ("reps", reps, Int(10)),
-        ("scenarios", scenarios, Maybe(ListOf(OneOf(tuple(SCENARIOS))))),
-        ("alpha", alpha, Num(0, 0.5)), ("claim_reps", claim_reps, Int(10)),
-        ("placebos", placebos, Int(20, MAX_PLACEBOS)), ("seed", seed, Int(0)),
-        ("workers", workers, Int(1)), ("results_dir", results_dir, Text()),
-    ])
-    check_parameters([("focus_n", focus_n, OneOf(tuple(int(n) for n in n_values)))])
-    names = tuple(scenarios) if scenarios else tuple(SCENARIOS)
-    if not any(SCENARIOS[s].kind == "null" for s in names):
-        nulls = ", ".join(s for s, v in SCENARIOS.items() if v.kind == "null")
-        raise MBEInputError(f"bad parameter: scenarios must include a null scenario ({nulls}), "
-                            f"got {list(names)!r}.")
-    return Params(tuple(sorted(int(n) for n in n_values)), int(reps), names, float(alpha),
-                  int(focus_n), int(claim_reps), int(placebos), int(seed), int(workers),
-                  str(results_dir))
+    checked = check(STEM, values)
+    return Params(tuple(sorted(checked.n_values)), checked.reps,
+                  tuple(checked.scenarios or SCENARIOS), checked.alpha, checked.focus_n,
+                  checked.claim_reps, checked.placebos, checked.seed, checked.workers, checked)
 
 
 # ------------------------------------------------------------------ formats
