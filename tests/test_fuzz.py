@@ -306,9 +306,6 @@ LIB_CASES = [
 #: Cases this pass found that are not fixed yet (issue 12 stays open for them); strict, so a
 #: fix turns the xfail into a failure until the id is removed from this set.
 OPEN = {
-    "audit-cluster-every-row",
-    "audit-blocks-without-permutations",
-    "audit-cluster-without-resampling",
     "data-label-noise-string",
     "data-n-train-below-classes",
     "train-lr-negative",
