@@ -725,9 +725,12 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
     cluster : str, optional
         Resample whole groups of rows (e.g. one configuration over seeds);
         the cross-fitting keeps them in one fold and its test uses their
-        cluster-robust variance.
+        cluster-robust variance.  Refused where nothing uses it (no
+        bootstrap with ``adjust="rank"``) and where every row has its own
+        value (each run its own cluster is the same as no cluster).
     blocks : str, optional
-        Permute only within the levels of this column.
+        Permute only within the levels of this column; refused without
+        ``permutations``.
     seed : int
         Seed of the bootstrap, permutations, folds and placebos.
     effect, washout : float
@@ -866,13 +869,20 @@ def _count_duplicates(rows: list[dict], groups, target: str, settings: _Settings
 
 
 def _check_folds_and_clusters(df: pd.DataFrame, settings: _Settings) -> None:
-    """Refuse a cluster bootstrap over one cluster and more folds than rows or clusters."""
+    """Refuse a cluster bootstrap over one cluster, a cluster column with one row per
+    value, and more folds than rows or clusters."""
     units, what = len(df), "rows"
     if settings.cluster:
-        units, what = df[settings.cluster].nunique(dropna=True), f"clusters of {settings.cluster!r}"
+        labelled = df[settings.cluster].dropna()
+        units, what = labelled.nunique(), f"clusters of {settings.cluster!r}"
         if settings.bootstrap and units < 2:
             raise MBEInputError(f"a cluster bootstrap needs at least 2 clusters, but "
                                 f"{settings.cluster!r} has {units}; drop cluster= or pool more runs")
+        if 1 < units == len(labelled):
+            raise MBEInputError(f"cluster={settings.cluster!r} has a different value in every row, "
+                                "so each run is its own cluster, which is the same as no cluster; "
+                                "pass the column that groups runs (e.g. the configuration shared "
+                                "by its seeds) or drop cluster=")
     if settings.adjust == "crossfit" and settings.folds > units:
         raise MBEInputError(f"folds={settings.folds} but there are only {units} {what}; "
                             f"use at most {units} folds")
@@ -909,8 +919,20 @@ def _check_settings(bootstrap, permutations, effect, washout, ci, seed, cluster,
     if placebos > MAX_PLACEBOS:
         raise MBEInputError(f"placebos={placebos} is more than the limit of {MAX_PLACEBOS}; "
                             "200 already measures a rejection rate to about ±3 points")
+    _check_used(cluster, blocks, bootstrap, permutations, adjust)
     return _Settings(effect, washout, int(bootstrap), int(permutations), cluster, blocks,
                      int(seed), ci, adjust, int(folds), int(placebos), float(alpha), interval)
+
+
+def _check_used(cluster, blocks, bootstrap, permutations, adjust) -> None:
+    """Refuse ``cluster`` or ``blocks`` where no computation would use it."""
+    if blocks and not permutations:
+        raise MBEInputError(f"blocks={blocks!r} has no effect without permutations (only the "
+                            "permutation test uses it); pass permutations=1000 or drop blocks=")
+    if cluster and not bootstrap and adjust == "rank":
+        raise MBEInputError(f"cluster={cluster!r} has no effect with adjust='rank' and no bootstrap "
+                            "(only the bootstrap and the cross-fitted adjustment use it); pass "
+                            "bootstrap=2000 or adjust='auto', or drop cluster=")
 
 
 def _finish_table(rows: list[dict], settings: _Settings) -> pd.DataFrame:

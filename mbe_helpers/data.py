@@ -200,6 +200,9 @@ def _check_arguments(name: str, seed: int, n_train: int | None, label_noise: flo
         raise MBEInputError(f"seed must be a non-negative integer, got {seed!r}")
     if n_train is not None and (not isinstance(n_train, (int, np.integer)) or n_train < 1):
         raise MBEInputError(f"n_train must be a positive integer or None, got {n_train!r}")
+    for key, value in (("label_noise", label_noise), ("val_fraction", val_fraction),
+                       ("test_fraction", test_fraction)):
+        _check_number(key, value)
     if not 0.0 <= label_noise < 1.0:
         raise MBEInputError(f"label_noise must lie in [0, 1), got {label_noise!r}")
     if not (0.0 < val_fraction < 1.0 and 0.0 < test_fraction < 1.0
@@ -209,6 +212,11 @@ def _check_arguments(name: str, seed: int, n_train: int | None, label_noise: flo
             "positive and sum to less than 1")
 
 
+def _check_number(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise MBEInputError(f"{key} must be a number, got {value!r}; pass e.g. {key}=0.1")
+
+
 def _stratified_subset(y: np.ndarray, n: int, rng: np.random.Generator,
                        name: str) -> np.ndarray:
     """Indices of ``n`` rows drawn per class in proportion to the class sizes."""
@@ -216,6 +224,10 @@ def _stratified_subset(y: np.ndarray, n: int, rng: np.random.Generator,
         raise MBEInputError(
             f"n_train={n} exceeds the {len(y)} samples of the {name} training split")
     classes, counts = np.unique(y, return_counts=True)
+    if n < len(classes):
+        raise MBEInputError(f"n_train={n} is fewer than the {len(classes)} classes of {name}, so "
+                            f"some classes would have no training sample; use n_train >= "
+                            f"{len(classes)}")
     quota = counts * n / len(y)
     take = np.floor(quota).astype(int)
     remainder = np.argsort(-(quota - take), kind="stable")[: n - take.sum()]

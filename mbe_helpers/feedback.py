@@ -310,7 +310,8 @@ def load_checkpoint(path: str | Path, model: nn.Module):
         One sentence when the file is missing or unreadable, is refused
         because it holds objects other than tensors (nothing in it is
         executed), is not a checkpoint of :func:`save_checkpoint` (e.g. a
-        plain state dict), or holds weights of another architecture.
+        plain state dict, or one whose rule has no name), or holds weights of
+        another architecture.
     """
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
@@ -331,13 +332,16 @@ def load_checkpoint(path: str | Path, model: nn.Module):
         raise MBEInputError(f"{path} is not a checkpoint of save_checkpoint (it lacks 'model', "
                             "'rule' and 'meta'); load a plain state dict with "
                             "model.load_state_dict(torch.load(path, weights_only=True))")
+    saved = state["rule"]
+    if not isinstance(saved, dict) or not isinstance(saved.get("name"), str):
+        raise MBEInputError(f"the checkpoint {path} does not name its learning rule (its 'rule' "
+                            "entry lacks 'name'); save it with save_checkpoint(path, model, rule)")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:
         raise MBEInputError(f"the weights in {path} do not fit this {type(model).__name__} "
                             f"({_misfit(model.state_dict(), state['model'])}); build the model "
                             "with the architecture they were saved from") from None
-    saved = state["rule"]
     rule = make_rule(saved["name"], seed=saved.get("seed", 0), penalty=saved.get("penalty", 0.0))
     if "matrices" in saved:
         rule.matrices = saved["matrices"]

@@ -138,6 +138,7 @@ def per_sample_gram(model: nn.Module, x: Tensor, y: Tensor, *, loss: LossSpec = 
     Tensor
         D, shape (N, N), in ``dtype`` on the model's device.
     """
+    _check_request(model, x, y, loss, dtype, method, chunk_size)
     with _full_float32(model):
         return _assemble_gram(_collect(model, x, y, loss, dtype, method, chunk_size))
 
@@ -160,12 +161,13 @@ def fim_metrics(model: nn.Module, x: Tensor, y: Tensor, *, loss: LossSpec = "cro
         and ``fim_reason``: empty, or why some values are NaN.
     """
     _check_floor(eig_floor)
+    _check_request(model, x, y, loss, dtype, method, chunk_size)
     n_params = sum(p.numel() for p in _trainable(model).values())
     with _full_float32(model):
         pieces = _collect(model, x, y, loss, dtype, method, chunk_size)
         if n_params < len(x):
             return _metrics_from_grads(_assemble_grads(pieces), eig_floor)
-        return gram_metrics(_assemble_gram(pieces), eig_floor=eig_floor)
+        return _gram_summary(_assemble_gram(pieces), eig_floor)
 
 
 def gram_metrics(gram: Tensor, *, eig_floor: float | None = None) -> dict[str, float | str]:
@@ -206,11 +208,30 @@ def gram_metrics(gram: Tensor, *, eig_floor: float | None = None) -> dict[str, f
     -------
     dict
         :data:`FIM_KEYS` as floats and ``fim_reason`` (empty, or why values
-        are NaN: zero or non-finite gradients, nothing above the floor).
+        are NaN: zero gradients, nothing above the floor).
+
+    Raises
+    ------
+    MBEInputError
+        For a gram that is not a tensor, not square with N >= 2, or holds NaN
+        or infinite entries (:func:`fim_metrics` reports a diverged model's
+        metrics as NaN with the reason instead).
     """
     _check_floor(eig_floor)
+    if not isinstance(gram, Tensor):
+        raise MBEInputError(f"gram must be a torch tensor (the (N, N) output of per_sample_gram), "
+                            f"got {type(gram).__name__}; convert an array with torch.as_tensor.")
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
         raise MBEInputError(f"gram must be a square matrix with at least 2 rows, got shape {tuple(gram.shape)}.")
+    if not bool(torch.isfinite(gram).all()):
+        raise MBEInputError(f"gram holds {int((~torch.isfinite(gram)).sum())} NaN or infinite entries "
+                            "(non-finite per-sample gradients, e.g. of a diverged model); use "
+                            "fim_metrics(model, x, y), which reports them as NaN with the reason.")
+    return _gram_summary(gram, eig_floor)
+
+
+def _gram_summary(gram: Tensor, eig_floor: float | None) -> dict[str, float | str]:
+    """:func:`gram_metrics` of a checked square Gram; NaN with the reason when it is not finite."""
     eps = torch.finfo(gram.dtype).eps
     d = gram.detach().to(torch.float64)
     n = d.shape[0]
@@ -331,8 +352,14 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _check_request(model: nn.Module, x: Tensor, y: Tensor, loss: LossSpec, dtype: torch.dtype,
-                   method: str) -> None:
+                   method: str, chunk_size: int) -> None:
     """Refuse, in one sentence, inputs for which per-sample gradients are ill-defined."""
+    if not isinstance(model, nn.Module):
+        raise MBEInputError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass the "
+                            "network itself.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise MBEInputError(f"chunk_size must be a positive integer (samples per vmap call), got "
+                            f"{chunk_size!r}; the default is 256.")
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise MBEInputError("x and y must be torch tensors.")
     if x.dim() == 0 or x.shape[0] < 2:
@@ -571,11 +598,12 @@ def _assemble_grads(pieces: _Pieces) -> Tensor:
 def _collect(model: nn.Module, x: Tensor, y: Tensor, loss: LossSpec, dtype: torch.dtype,
              method: str, chunk_size: int) -> _Pieces:
     """Run the recorded forward/backward and torch.func for the rest; return the pieces."""
-    _check_request(model, x, y, loss, dtype, method)
     device = next(iter(_trainable(model).values())).device
     x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
     y = y.to(device=device, dtype=dtype if y.is_floating_point() else y.dtype)
     state = _cast_state(model, dtype)
+    if loss == "cross_entropy":
+        _check_labels(model, state, x, y)
     pieces = _Pieces(n=x.shape[0], method=method)
     covered: set[str] = set()
     if method != "func":
@@ -586,6 +614,16 @@ def _collect(model: nn.Module, x: Tensor, y: Tensor, loss: LossSpec, dtype: torc
     if rest:
         pieces.dense.append(_func_grads(model, state, rest, x, y, loss, chunk_size))
     return pieces
+
+
+@torch.no_grad()
+def _check_labels(model: nn.Module, state: dict[str, Tensor], x: Tensor, y: Tensor) -> None:
+    """Refuse class indices outside the model's outputs (read from a one-sample forward)."""
+    n_out = functional_call(model, state, (x[:1],)).shape[-1]
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= n_out:
+        raise MBEInputError(f"labels in y must lie between 0 and {n_out - 1} (the model has {n_out} "
+                            f"outputs), got {low} to {high}.")
 
 
 def _cast_state(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -722,7 +760,7 @@ def _func_grads(model: nn.Module, state: dict[str, Tensor], names: list[str], x:
         out = functional_call(model, (fixed, params), (xi.unsqueeze(0),))
         return _per_sample_loss(out, yi.unsqueeze(0), loss).sum()
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=max(1, chunk_size))
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
     with warnings.catch_warnings():  # torch's notice that some batching rules run as loops
         warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
         grads = per_sample(chosen, x, y)

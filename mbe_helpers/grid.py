@@ -34,7 +34,7 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,9 @@ def sample_configs(space: Mapping[str, Any], n: int, seed: int) -> pd.DataFrame:
         raise MBEInputError(f"n must be a non-negative integer, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise MBEInputError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(space, Mapping):
+        raise MBEInputError(f"space must be a mapping of names to specs, got "
+                            f"{type(space).__name__}; pass e.g. {{'lr': LogUniform(1e-4, 1e-1)}}")
     columns = {}
     for key, spec in space.items():
         dist = _distribution(key, spec)
@@ -196,7 +199,13 @@ def _is_missing(value: Any) -> bool:
 
 def _config_list(configs: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[dict]:
     """Configs as plain dicts; missing cells (None / NaN) are left out."""
-    rows = configs.to_dict("records") if isinstance(configs, pd.DataFrame) else list(configs)
+    if isinstance(configs, pd.DataFrame):
+        rows = configs.to_dict("records")
+    elif isinstance(configs, (Mapping, str, bytes)) or not isinstance(configs, Iterable):
+        raise MBEInputError(f"configs must be a DataFrame or a list of dicts (one per run), got "
+                            f"{type(configs).__name__}; wrap a single config in a list")
+    else:
+        rows = list(configs)
     out = []
     for row in rows:
         if not isinstance(row, Mapping):
@@ -347,9 +356,14 @@ def read_ledger(path: str | Path) -> pd.DataFrame:
     """Read a ledger: one row per ``config_hash`` (its latest record).
 
     Torn lines and lines that are not JSON objects are skipped with a warning;
-    a last record that lost its newline is kept.
+    a last record that lost its newline is kept.  A missing file is refused
+    (:class:`MBEInputError`) rather than read as an empty ledger.
     """
-    return _frame(list(_latest_rows(_ledger_path(path)).values()))
+    ledger = _ledger_path(path)
+    if not ledger.exists():
+        raise MBEInputError(f"the ledger {ledger} does not exist; check the path, or create it "
+                            "with run_grid(configs, run_fn, path)")
+    return _frame(list(_latest_rows(ledger).values()))
 
 
 # ---------------------------------------------------------------- running

@@ -340,6 +340,12 @@ def acid_test_frame(runs: pd.DataFrame, sizes: Sequence[int], noises: Sequence[f
                      ignore_index=True)
 
 
+def _condition_cluster(part: pd.DataFrame, bootstrap: int) -> str | None:
+    """``"condition"`` where the bootstrap resamples conditions of several runs, else ``None``
+    (one run per condition is a row bootstrap, which audit() asks to be named as such)."""
+    return "condition" if bootstrap and part.condition.duplicated().any() else None
+
+
 def acid_test(frame: pd.DataFrame, metrics: Sequence[str], target: str = "test_acc", *,
               bootstrap: int = 1000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
     """Stage 1 of the protocol: does each metric track the target in each probe?
@@ -364,8 +370,9 @@ def acid_test(frame: pd.DataFrame, metrics: Sequence[str], target: str = "test_a
     for probe, part in frame.groupby("probe", sort=False):
         usable = [m for m in metrics if part[[m, target]].replace([np.inf, -np.inf], np.nan)
                   .dropna().pipe(lambda d: len(d) >= 4 and d[m].nunique() > 1)]
-        result = audit(part, usable, target, bootstrap=bootstrap, cluster="condition",
-                       seed=seed, adjust="rank") if usable else None
+        result = audit(part, usable, target, bootstrap=bootstrap,
+                       cluster=_condition_cluster(part, bootstrap), seed=seed,
+                       adjust="rank") if usable else None
         table = result.table.set_index("metric") if result else pd.DataFrame()
         for metric in metrics:
             row = {"probe": probe, "metric": metric, "n_conditions": part.condition.nunique()}

@@ -33,6 +33,7 @@ not finite, labels the model has no output for, and models it cannot run.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -271,6 +272,9 @@ def _check_inputs(model, batches: list) -> None:
 def _check_accuracy(name: str, value) -> float | None:
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MBEInputError(f"{name} must be a number (a fraction between 0 and 1), got "
+                            f"{value!r}; pass e.g. {name}=0.9")
     value = float(value)
     if not 0.0 <= value <= 1.0 or math.isnan(value):
         raise MBEInputError(f"{name} must be a fraction between 0 and 1, got {value}")

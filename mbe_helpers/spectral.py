@@ -128,7 +128,8 @@ def fit_power_law(eigenvalues, *, min_tail: int = MIN_TAIL) -> PowerLawFit:
     Parameters
     ----------
     eigenvalues : array_like
-        1-d, finite; values <= 0 are dropped (they carry no tail).
+        1-d, finite, with a positive value when any is negative; values
+        <= 0 are dropped (they carry no tail).
     min_tail : int
         Smallest tail the search may choose (>= 2).
 
@@ -138,11 +139,7 @@ def fit_power_law(eigenvalues, *, min_tail: int = MIN_TAIL) -> PowerLawFit:
         NaN fields and a ``reason`` when fewer than ``min_tail`` positive
         values exist or all candidate tails are constant.
     """
-    values = np.asarray(eigenvalues, dtype=float)
-    if values.ndim != 1:
-        raise MBEInputError(f"eigenvalues must be a 1-d array, got shape {values.shape}.")
-    if not np.isfinite(values).all():
-        raise MBEInputError("eigenvalues contain NaN or infinite values.")
+    values = _eigenvalue_array(eigenvalues)
     if not isinstance(min_tail, (int, np.integer)) or min_tail < 2:
         raise MBEInputError(f"min_tail must be an integer >= 2, got {min_tail!r}.")
     x = np.sort(values[values > 0])
@@ -164,6 +161,25 @@ def fit_power_law(eigenvalues, *, min_tail: int = MIN_TAIL) -> PowerLawFit:
     best = int(np.argmin(distances))
     return PowerLawFit(float(alphas[best]), float(x[ks[best]]), float(distances[best]),
                        int(tail_sizes[best]), n)
+
+
+def _eigenvalue_array(eigenvalues) -> np.ndarray:
+    """``eigenvalues`` as a 1-d finite float array, or one sentence why it cannot be fitted."""
+    try:
+        values = np.asarray(eigenvalues, dtype=float)
+    except (TypeError, ValueError):
+        raise MBEInputError(f"eigenvalues must be numbers, got {type(eigenvalues).__name__}; pass "
+                            "a 1-d array of the spectrum's values.") from None
+    if values.ndim != 1:
+        raise MBEInputError(f"eigenvalues must be a 1-d array, got shape {values.shape}.")
+    if not np.isfinite(values).all():
+        raise MBEInputError("eigenvalues contain NaN or infinite values.")
+    if values.size and values.max() <= 0 and values.min() < 0:
+        raise MBEInputError(f"eigenvalues has no positive value (the largest is "
+                            f"{values.max():.3g}), so there is no tail to fit; pass the "
+                            "eigenvalues themselves (e.g. of W.T @ W / n), not their negatives "
+                            "or logarithms.")
+    return values
 
 
 def _ks_distances(logx: np.ndarray, below: np.ndarray, ks: np.ndarray, alphas: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import statistics
 import threading
 import time
@@ -108,9 +109,12 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Values that are ``None`` or NaN (a missing cell of a heterogeneous grid)
     take their default.  Raises :class:`MBEInputError`, one sentence naming
-    the key, for unknown keys, values of the wrong type, unknown choices, values
-    out of range and a device this machine lacks.
+    the key, for a config that is not a mapping, unknown keys, values of the wrong
+    type, unknown choices, values out of range and a device this machine lacks.
     """
+    if not isinstance(config, Mapping):
+        raise MBEInputError(f"a config must be a mapping of keys to values, got "
+                            f"{type(config).__name__}; pass a dict such as {{'lr': 0.1}}")
     unknown = sorted(set(config) - set(TRAIN_DEFAULTS))
     if unknown:
         raise MBEInputError(f"unknown config keys {unknown}; known keys are "
@@ -367,6 +371,28 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_train_arguments(model: Any, data: Any, lr: Any, epochs: Any, batch_size: Any) -> None:
+    """One sentence for a model, data or setting :func:`train` cannot use."""
+    if not isinstance(model, nn.Module):
+        raise MBEInputError(f"model must be a torch.nn.Module, got {type(model).__name__}; build "
+                            "one with build_model(config, data) or mbe_helpers.models")
+    if not isinstance(data, Dataset):
+        raise MBEInputError(f"data must be a Dataset, got {type(data).__name__}; load one with "
+                            "mbe_helpers.data.load_dataset(name)")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+        raise MBEInputError(f"lr must be a positive number, got {lr!r}; pass e.g. lr=1e-3")
+    if not _is_int(epochs) or epochs < 0:
+        raise MBEInputError(f"epochs must be a non-negative integer, got {epochs!r}; pass e.g. "
+                            "epochs=50 (0 evaluates the untrained model)")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise MBEInputError(f"batch_size must be a positive integer or None (full batch), got "
+                            f"{batch_size!r}; pass e.g. batch_size=128")
+
+
 def _check_data(model: nn.Module, data: Dataset) -> None:
     """One sentence when ``model`` cannot take the inputs or the labels are not its classes."""
     was_training = model.training
@@ -511,6 +537,7 @@ def train(model: nn.Module, data: Dataset, *, optimizer: str = "adam", lr: float
         ``engine="sequential"``; ``status`` is ``diverged`` when a loss left
         :func:`divergence_limit` (see the module docstring).
     """
+    _check_train_arguments(model, data, lr, epochs, batch_size)
     probe_epochs = _check_probe_epochs(probe_epochs, epochs)
     data.batch(probe_split)  # fail on a bad split name before training
     _check_data(model, data)

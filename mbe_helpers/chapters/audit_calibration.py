@@ -399,6 +399,12 @@ def plot_rates(table: pd.DataFrame, alpha: float, ncols: int = 4):
 
 
 # ------------------------------------------------------- false-claim rate
+def _cluster_for(scenario, adjust: str) -> str | None:
+    """The scenario's cluster column where ``adjust`` uses it (the rank-linear audit without a
+    bootstrap does not, and audit() refuses a cluster it would ignore)."""
+    return scenario.cluster if adjust != "rank" else None
+
+
 def _claim_task(args: tuple) -> dict:
     name, n, rep, seed, alpha = args
     scenario = SCENARIOS[name]
@@ -409,7 +415,7 @@ def _claim_task(args: tuple) -> dict:
         warnings.simplefilter("ignore")
         for adjust in ("auto", "rank"):
             result = audit(frame, ["metric"], "target", list(scenario.controls), adjust=adjust,
-                           cluster=scenario.cluster, seed=seed + rep, alpha=alpha)
+                           cluster=_cluster_for(scenario, adjust), seed=seed + rep, alpha=alpha)
             row[adjust] = str(result.table.classification.iloc[0])
     return row
 
@@ -522,7 +528,8 @@ def placebo_check(scenario: str, n: int, placebos: int, alpha: float, seed: int)
         warnings.simplefilter("ignore")
         for adjust in ("auto", "rank"):
             result = audit(frame, ["metric"], "target", list(spec.controls), adjust=adjust,
-                           cluster=spec.cluster, placebos=placebos, alpha=alpha, seed=seed)
+                           cluster=_cluster_for(spec, adjust), placebos=placebos, alpha=alpha,
+                           seed=seed)
             table = result.calibration.copy()
             table.insert(0, "classification", result.classification("metric"))
             table.insert(0, "requested", adjust)
