@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mbe_helpers import metrics
+from mbe_helpers import probes
+from mbe_helpers.chapters import grid
 from mbe_helpers.grid import read_ledger
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -23,11 +24,11 @@ parser.add_argument("--epoch", type=int, default=20)
 args = parser.parse_args()
 folder = Path("results") / args.profile / "02_heterogeneous_grid"
 runs = read_ledger(folder / "ledger.jsonl")
-frame = metrics.add_positive_control(runs[runs.status == "ok"], "test_acc", noise=0.5, seed=0)
-design = metrics.varying(frame, metrics.DESIGN)
-audited = [*metrics.at(metrics.BATTERY, args.epoch), "positive_control"]
+frame = grid.add_positive_control(runs[runs.status == "ok"], "test_acc", noise=0.5, seed=0)
+design = grid.varying_columns(frame, grid.DESIGN)
+audited = [*probes.columns_at(probes.BATTERY, args.epoch), "positive_control"]
 start = time.perf_counter()
-audits = metrics.baseline_audits(frame, audited, "test_acc", baseline=[f"val_loss@{args.epoch}"],
+audits = grid.baseline_audits(frame, audited, "test_acc", baseline=[f"val_loss@{args.epoch}"],
                                  design=design, adjust="auto", placebos=200, seed=0)
 print(f"{len(frame)} runs; controls: val_loss@{args.epoch} and {', '.join(design)} "
       f"({time.perf_counter() - start:.1f} s)\n")

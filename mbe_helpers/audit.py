@@ -104,6 +104,31 @@ OUTCOME_SENTENCES = {
     "inconclusive": "its point estimates suggest a class, but the evidence at this number of runs "
                     "does not establish it",
 }
+
+
+def outcome_sentence(classification: str) -> str:
+    """The clause of :data:`OUTCOME_SENTENCES` for an outcome class.
+
+    Examples
+    --------
+    >>> outcome_sentence("washout").startswith("the metric re-expresses")
+    True
+    """
+    if classification not in OUTCOME_SENTENCES:
+        raise MBEInputError(f"unknown outcome class {classification!r}; known classes: "
+                            f"{', '.join(OUTCOME_SENTENCES)}")
+    return OUTCOME_SENTENCES[classification]
+
+
+def check_alpha(alpha: float) -> None:
+    """Refuse a significance level outside (0, 1) in one sentence.
+
+    Examples
+    --------
+    >>> check_alpha(0.05)
+    """
+    if not 0 < alpha < 1:
+        raise MBEInputError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
 """What each outcome class of :func:`mbe_helpers.audit.classify` means, as a clause."""
 
 

@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from mbe_helpers.errors import MBEInputError
+from mbe_helpers.runtime import find_root, is_book_root, resolve_results_dir  # noqa: F401 (re-exported)
 
 PROFILES = ("smoke", "default", "paper")
 KERNEL = "python3"
@@ -106,52 +107,6 @@ class Chapter:
     def defaults(self) -> dict[str, Any]:
         """Notebook defaults of every parameter."""
         return {p.name: p.default for p in self.parameters.values()}
-
-
-# --------------------------------------------------------------------- roots
-def is_book_root(path: Path) -> bool:
-    """True when ``path`` holds ``_toc.yml`` and a ``book/`` folder."""
-    return (path / "_toc.yml").is_file() and (path / "book").is_dir()
-
-
-def find_root(start: str | Path | None = None) -> Path:
-    """Find the repository root: the nearest folder upward holding ``_toc.yml`` and ``book/``.
-
-    Falls back to the folder above the installed package (editable install).
-
-    Raises
-    ------
-    MBEInputError
-        When no such folder exists.
-    """
-    start = Path(start or Path.cwd()).resolve()
-    for candidate in (start, *start.parents):
-        if is_book_root(candidate):
-            return candidate
-    package_parent = Path(__file__).resolve().parents[1]
-    if is_book_root(package_parent):
-        return package_parent
-    raise MBEInputError(
-        f"no book found above {start}: run inside the repository "
-        "(a folder with _toc.yml and book/) or pass --root."
-    )
-
-
-def resolve_results_dir(results_dir: str | Path) -> Path:
-    """Return the chapter's artifact folder, created if missing.
-
-    Relative paths are taken from the repository root (found upward from the
-    current directory, which is ``book/`` for a kernel started by JupyterLab
-    or the runner) and from the current directory when there is no root.
-    """
-    path = Path(results_dir)
-    if not path.is_absolute():
-        try:
-            path = find_root() / path
-        except MBEInputError:
-            path = Path.cwd() / path
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # ---------------------------------------------------------------- parameters

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from mbe_helpers.errors import MBEInputError
+from mbe_helpers.runtime import resolve_data_root
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,9 @@ def load_dataset(name: str = "digits", *, data_root: str | Path | None = None,
     ----------
     name : {"digits", "mnist1d", "mnist", "fashion-mnist", "cifar10"}
     data_root : path, optional
-        Folder holding torchvision files (default: ``$MBE_DATA_ROOT``, else ``data/``).
+        Folder holding torchvision files (default: ``$MBE_DATA_ROOT``, else ``data/``;
+        a relative folder is taken from the repository root, see
+        :func:`mbe_helpers.runtime.resolve_data_root`).
     download : bool
         Let torchvision download missing files (needs network access).
     seed : int
@@ -129,7 +131,7 @@ def load_dataset(name: str = "digits", *, data_root: str | Path | None = None,
     """
     _check_arguments(name, seed, n_train, label_noise, val_fraction, test_fraction)
     check_device(device)
-    root = str(data_root if data_root is not None else os.environ.get("MBE_DATA_ROOT", "data"))
+    root = str(resolve_data_root(data_root))
     splits = _standardised_splits(name, root, download, split_seed, val_fraction, test_fraction)
     x_tr, y_tr = splits["train"]
     n_classes = splits["n_classes"]

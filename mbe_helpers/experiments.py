@@ -47,7 +47,8 @@ from torch import nn
 from mbe_helpers import credit, feedback, protocol, stream
 from mbe_helpers.data import Dataset
 from mbe_helpers.errors import MBEInputError
-from mbe_helpers.models import ResidualMLP, ViTMini
+from mbe_helpers import runtime
+from mbe_helpers.models import ResidualMLP, make_model
 from mbe_helpers.train import train
 
 CONTROLS = ("positive", "negative")
@@ -105,38 +106,18 @@ def _check_measurement(eval_size: int, eps: float, n_directions: int) -> None:
 # Training and credit signals                                                 #
 # --------------------------------------------------------------------------- #
 
-def _progress(jobs: list, desc: str, show: bool):
-    """``jobs`` wrapped in a tqdm bar when ``show`` (tqdm is only imported then)."""
-    if not show:
-        return jobs
-    from tqdm.auto import tqdm
-
-    return tqdm(jobs, desc=desc)
-
-
-def _seeded(build, seed: int) -> nn.Module:
+def _build_seeded(build, seed: int) -> nn.Module:
     """Build a module from torch's global RNG seeded with ``seed``, leaving that RNG as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with runtime.seeded(seed):
         return build()
 
 
 def residual_model(kind: str, data: Dataset, width: int, n_blocks: int) -> nn.Module:
-    """``ResidualMLP(in, width, classes, n_blocks)`` or a ``ViTMini`` of the same width and depth.
-
-    The ViT-mini cuts images into 4 x 4 patches (2 x 2 when a side is not a
-    multiple of 4) and uses 4 attention heads when ``width`` allows, else 1.
-    """
-    if kind == "resmlp":
-        return ResidualMLP(data.in_dim, width, data.n_classes, n_blocks)
-    if kind != "vit":
+    """``ResidualMLP(in, width, classes, n_blocks)`` or a ``ViTMini`` of the same width and depth
+    (:func:`mbe_helpers.models.make_model`)."""
+    if kind not in MODELS:
         raise MBEInputError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
-    if data.image_shape is None:
-        raise MBEInputError(f"model 'vit' needs an image dataset, and {data.name} has none")
-    side = min(data.image_shape[1:])
-    patch = 4 if side % 4 == 0 else 2
-    return ViTMini(data.image_shape, data.n_classes, patch=patch, width=width, n_blocks=n_blocks,
-                   n_heads=4 if width % 4 == 0 else 1)
+    return make_model(kind, data, width=width, depth=n_blocks)
 
 
 def train_residual(rule_name: str, data: Dataset, *, model: str = "resmlp", width: int = 256,
@@ -157,7 +138,7 @@ def train_residual(rule_name: str, data: Dataset, *, model: str = "resmlp", widt
     """
     rule = feedback.make_rule(rule_name, seed=seed, penalty=penalty)
     kind = model
-    model = _seeded(lambda: residual_model(kind, data, width, n_blocks), seed).to(data.x_train)
+    model = _build_seeded(lambda: residual_model(kind, data, width, n_blocks), seed).to(data.x_train)
     if isinstance(rule, feedback.FrozenBlocks):
         rule.freeze(model)
     record = train(model, data, optimizer="adam", lr=lr, epochs=epochs, batch_size=batch_size,
@@ -265,7 +246,7 @@ def calibration_runs(data: Dataset, conditions: Sequence[str] = CONDITIONS,
     x, y = _eval_set(data, eval_size)
     models, rows = {}, []
     jobs = [(c, s) for s in seeds for c in conditions]
-    for condition, seed in _progress(jobs, "calibration", progress):
+    for condition, seed in runtime.progress(jobs, desc="calibration", enabled=progress):
         key = (_rule_of(condition), seed)
         if key not in models:
             models[key] = train_residual(key[0], data, seed=seed, **train_kw)
@@ -513,7 +494,8 @@ def diagnostic_runs(data: Dataset, methods: Sequence[str] = METHODS, seeds: Sequ
     batches = eval_batches(data, n_batches, eval_batch_size)
     order = ["frozen", *[m for m in methods if m != "frozen"]]
     models = {}
-    for method, seed in _progress([(m, s) for s in seeds for m in order], "FA diagnostics", progress):
+    for method, seed in runtime.progress([(m, s) for s in seeds for m in order],
+                                          desc="FA diagnostics", enabled=progress):
         kw = {**train_kw, "epochs": 0} if method == INIT else train_kw
         models[(method, seed)] = train_residual("bp" if method == INIT else method, data,
                                                 seed=seed, **kw)
@@ -599,7 +581,7 @@ def shallow_baselines(data: Dataset, seeds: Sequence[int] = (0,), *, width: int 
     rows = []
     for name, build in builders.items():
         for seed in seeds:
-            model = _seeded(build, seed).to(data.x_train)
+            model = _build_seeded(build, seed).to(data.x_train)
             record = train(model, data, optimizer="adam", lr=lr, epochs=epochs,
                            batch_size=batch_size, seed=seed)
             rows.append({"model": name, "seed": seed, "test_acc": record["test_acc"]})

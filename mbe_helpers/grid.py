@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
+from mbe_helpers import runtime
 from mbe_helpers.errors import MBEInputError
 
 log = logging.getLogger(__name__)
@@ -618,22 +619,6 @@ def _executor(executor: Any) -> Iterator[cf.Executor | None]:
                         f"'dask' or a scheduler address like 'tcp://host:8786', got {executor!r}")
 
 
-def _progress_bar(total: int, done: int, enabled: bool) -> Any:
-    """tqdm.auto bar, shown only when enabled and in a terminal or notebook."""
-    if not enabled:  # never touch tqdm.notebook (it warns without ipywidgets)
-        from tqdm.std import tqdm as plain_tqdm
-        return plain_tqdm(total=total, initial=done, disable=True)
-    from tqdm.auto import tqdm
-    try:
-        from tqdm.notebook import tqdm as notebook_tqdm
-        in_notebook = issubclass(tqdm, notebook_tqdm)
-    except ImportError:
-        in_notebook = False
-    interactive = in_notebook or sys.stderr.isatty()
-    return tqdm(total=total, initial=done, unit="run", desc="grid",
-                disable=not (enabled and interactive))
-
-
 def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
              ledger_path: str | Path, executor: Any = None, progress: bool = True, *,
              retries: int = 2, rerun_failed: bool = True) -> pd.DataFrame:
@@ -695,7 +680,8 @@ def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
     log.info("grid: %d configs, %d already in the ledger, %d to run",
              len(unique), len(unique) - len(pending), len(pending))
     with _executor(executor) as pool, \
-            _progress_bar(len(unique), len(unique) - len(pending), progress) as bar:
+            runtime.progress(total=len(unique), initial=len(unique) - len(pending), desc="grid",
+                             unit="run", enabled=progress) as bar:
         _Runner(run_fn, ledger, retries, bar, reader, done).run(pool, _tasks(pending, run_fn))
     latest = _latest_rows(ledger)
     config_keys = dict.fromkeys(k for c in unique.values() for k in c)

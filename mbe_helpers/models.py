@@ -247,3 +247,45 @@ class ViTMini(nn.Module):
             hidden.append(h)
         logits = self.head(self.norm(h)[:, 0])
         return (logits, hidden) if return_hidden else logits
+
+
+#: Architectures :func:`make_model` builds.
+MODELS = ("mlp", "resmlp", "cnn", "vit")
+
+
+def make_model(kind: str, data, *, width: int, depth: int, activation: str | None = None,
+               dropout: float = 0.0) -> nn.Module:
+    """The one model factory: an architecture for ``data`` (anything with ``in_dim``,
+    ``n_classes``, ``image_shape`` and ``name``, e.g. a :class:`mbe_helpers.data.Dataset`).
+
+    * ``mlp``: ``MLP(in, [width] * depth, classes)``;
+    * ``resmlp``: ``ResidualMLP(in, width, classes, depth)`` (``depth`` residual blocks);
+    * ``cnn``: ``SmallCNN`` with channels ``(width // 2, width)``;
+    * ``vit``: ``ViTMini`` of ``width`` and ``depth`` blocks on 4 x 4 patches (2 x 2
+      when an image side is not a multiple of 4), 4 heads when ``width`` allows, else 1.
+
+    ``activation`` (default: each class's own) applies to ``mlp`` and ``resmlp``.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> digits = SimpleNamespace(in_dim=64, n_classes=10, image_shape=(1, 8, 8), name="digits")
+    >>> type(make_model("vit", digits, width=32, depth=2)).__name__
+    'ViTMini'
+    >>> make_model("mlp", digits, width=16, depth=2)(torch.zeros(3, 64)).shape
+    torch.Size([3, 10])
+    """
+    style = {} if activation is None else {"activation": activation}
+    if kind == "mlp":
+        return MLP(data.in_dim, [width] * depth, data.n_classes, dropout=dropout, **style)
+    if kind == "resmlp":
+        return ResidualMLP(data.in_dim, width, data.n_classes, depth, **style)
+    if kind not in MODELS:
+        raise MBEInputError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
+    if data.image_shape is None:
+        raise MBEInputError(f"model {kind!r} needs an image dataset, and {data.name} has none")
+    if kind == "cnn":
+        return SmallCNN(data.image_shape, data.n_classes, channels=(max(1, width // 2), width))
+    patch = 4 if min(data.image_shape[1:]) % 4 == 0 else 2
+    return ViTMini(data.image_shape, data.n_classes, patch=patch, width=width, n_blocks=depth,
+                   n_heads=4 if width % 4 == 0 else 1)

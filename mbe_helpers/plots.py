@@ -129,7 +129,7 @@ def acid_test_figure(frame, metrics, target: str = "test_acc", probes=("capacity
 
     One row per variable (``target`` first), one column per probe; every seed
     is a point, the line joins the means over seeds.  ``frame`` is
-    :func:`mbe_helpers.metrics.acid_test_frame`'s output.
+    :func:`mbe_helpers.chapters.acid_test.acid_test_frame`'s output.
     """
     rows = [target, *metrics]
     fig, axes = plt.subplots(len(rows), len(probes), figsize=(4.6 * len(probes), 2.3 * len(rows)),
@@ -155,7 +155,7 @@ def acid_test_figure(frame, metrics, target: str = "test_acc", probes=("capacity
 def rho_forest_figure(table, metrics=None):
     """Spearman rho with the target and its condition-bootstrap interval, per metric and probe.
 
-    ``table`` is :func:`mbe_helpers.metrics.acid_test`'s output; filled
+    ``table`` is :func:`mbe_helpers.chapters.acid_test.acid_test`'s output; filled
     markers are significant results, hollow ones are not.
     """
     metrics = list(dict.fromkeys(table.metric)) if metrics is None else list(metrics)
@@ -197,7 +197,7 @@ def baseline_figure(summary, audits=("baseline", "design", "both"), labels=None,
                     effect: float = 0.2, washout: float = 0.1):
     """Raw rho and the partial rho of each audit, with intervals, one row per metric.
 
-    ``summary`` is :func:`mbe_helpers.metrics.audit_summary`'s output; the
+    ``summary`` is :func:`mbe_helpers.chapters.grid.audit_summary`'s output; the
     dashed lines are the effect threshold, the dotted ones the washout threshold.
     """
     labels = dict(labels or {})
@@ -229,7 +229,7 @@ def baseline_figure(summary, audits=("baseline", "design", "both"), labels=None,
 def temporal_figure(temporal, highlight=("fim_norm",), effect: float = 0.2):
     """Partial rho given the same-epoch validation loss, against the probe epoch.
 
-    ``temporal`` is :func:`mbe_helpers.metrics.temporal_audit`'s output.
+    ``temporal`` is :func:`mbe_helpers.chapters.grid.temporal_audit`'s output.
     Metrics in ``highlight`` are drawn thick with their bootstrap band (when
     present); the others are thin lines.
     """

@@ -49,7 +49,6 @@ import logging
 import math
 import numbers
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -61,7 +60,8 @@ from torch.func import functional_call, stack_module_state
 
 from mbe_helpers.data import DATASETS, Dataset, check_device, load_dataset
 from mbe_helpers.errors import MBEInputError
-from mbe_helpers.models import ACTIVATIONS, MLP, ResidualMLP, SmallCNN, ViTMini
+from mbe_helpers.runtime import seeded
+from mbe_helpers.models import ACTIVATIONS, make_model
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,6 @@ _PER_MODEL_KEYS = frozenset({"lr", "weight_decay", "momentum", "seed", "label_no
 _SHAPE_KEYS = ("dataset", "n_train", "model", "width", "depth", "activation", "optimizer",
                "batch_size", "dtype", "device")
 _CALIBRATION_REPEATS = 3
-_RNG_LOCK = threading.RLock()  # guards torch's global RNG (model init, dropout)
 _EVAL_CHUNK = 8192
 
 
@@ -208,36 +207,14 @@ def build_model(config: Mapping[str, Any], data: Dataset) -> nn.Module:
     interfere.
     """
     cfg = resolve_config(config)
-    with _seeded(cfg["seed"]):
+    with seeded(cfg["seed"]):
         model = _make_model(cfg, data)
     return model.to(device=cfg["device"], dtype=DTYPES[cfg["dtype"]])
 
 
 def _make_model(cfg: dict[str, Any], data: Dataset) -> nn.Module:
-    kind, width, depth = cfg["model"], cfg["width"], cfg["depth"]
-    if kind == "mlp":
-        return MLP(data.in_dim, [width] * depth, data.n_classes, cfg["activation"],
-                   cfg["dropout"])
-    if kind == "resmlp":
-        return ResidualMLP(data.in_dim, width, data.n_classes, depth,
-                           activation=cfg["activation"])
-    if data.image_shape is None:
-        raise MBEInputError(f"model {kind!r} needs an image dataset, and {data.name} has none")
-    if kind == "cnn":
-        return SmallCNN(data.image_shape, data.n_classes, channels=(max(1, width // 2), width))
-    return ViTMini(data.image_shape, data.n_classes, patch=4, width=width, n_blocks=depth)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
-    """Run a block on torch's global RNG seeded with ``seed``, then restore it."""
-    device = torch.device(device)
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with _RNG_LOCK, torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.manual_seed(seed)
-        yield
+    return make_model(cfg["model"], data, width=cfg["width"], depth=cfg["depth"],
+                      activation=cfg["activation"], dropout=cfg["dropout"])
 
 
 def _dropout_rng(model: nn.Module, seed: int) -> contextlib.AbstractContextManager:
@@ -245,7 +222,7 @@ def _dropout_rng(model: nn.Module, seed: int) -> contextlib.AbstractContextManag
     if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return contextlib.nullcontext()
     device = next(model.parameters()).device
-    return _seeded(seed + 2**32, device)
+    return seeded(seed + 2**32, device)
 
 
 def make_optimizer(name: str, params: Any, *, lr: float, weight_decay: float = 0.0,

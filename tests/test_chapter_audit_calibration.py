@@ -89,15 +89,15 @@ def test_claim_and_placebo_scenarios_fall_back_to_the_nulls_that_were_run() -> N
 
 
 @pytest.mark.parametrize("name, value, message", [
-    ("reps", 5, "bad parameter: reps must be an integer of at least 10, got 5."),
-    ("n_values", [], "bad parameter: n_values must be a list of at least 1"),
-    ("n_values", [60, 60], "bad parameter: n_values must be a list of at least 1 distinct"),
-    ("alpha", 0.7, "bad parameter: alpha must be a number above 0 and below 0.5, got 0.7."),
-    ("focus_n", 500, "bad parameter: focus_n must be one of 60, 150, 300, 1000, got 500."),
-    ("scenarios", ["no_such"], "bad parameter: scenarios must be None or a list"),
+    ("reps", 5, "bad parameter: reps must be greater than or equal to 10, got 5."),
+    ("n_values", [], "bad parameter: n_values must have at least 1 item, got []."),
+    ("n_values", [60, 60], "bad parameter: n_values must not repeat a value, got [60, 60]."),
+    ("alpha", 0.7, "bad parameter: alpha must be less than 0.5, got 0.7."),
+    ("focus_n", 500, "bad parameter: focus_n must be one of n_values [60, 150, 300, 1000], got 500."),
+    ("scenarios", ["no_such"], "bad parameter: scenarios must come from"),
     ("scenarios", ["genuine_increment"], "bad parameter: scenarios must include a null scenario"),
-    ("placebos", 5, "bad parameter: placebos must be an integer from 20 to"),
-    ("workers", 0, "bad parameter: workers must be an integer of at least 1, got 0."),
+    ("placebos", 5, "bad parameter: placebos must be greater than or equal to 20, got 5."),
+    ("workers", 0, "bad parameter: workers must be greater than or equal to 1, got 0."),
 ])
 def test_validate_refuses_bad_values_in_one_sentence(name, value, message) -> None:
     with pytest.raises(MBEInputError) as info:

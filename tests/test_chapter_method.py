@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from mbe_helpers import book
+from mbe_helpers.errors import MBEInputError
 from mbe_helpers.simulate import EXPECTED_CLASSES
 from notebooks import cells, glued, source
 
@@ -74,7 +75,20 @@ def test_smoke_run_writes_artifacts_with_bootstrap_intervals(smoke_run) -> None:
 @pytest.mark.slow
 def test_bad_parameter_fails_in_one_sentence(tmp_path: Path) -> None:
     chapter = book.get_chapter("method", REPO)
-    with pytest.raises(book.ChapterError) as info:
+    with pytest.raises(MBEInputError, match=r"^bad parameter: n must be greater than or equal to 50, "
+                                            r"got 10\.$"):
         book.execute_chapter(chapter, "smoke", {"n": 10}, root=REPO, output=tmp_path / "bad.ipynb",
                              results_dir=tmp_path, progress=False)
-    assert "MBEInputError: bad parameter: n must be an integer of at least 50 (executed" in str(info.value)
+    assert not (tmp_path / "bad.ipynb").exists()      # refused before a kernel started
+
+
+@pytest.mark.slow
+def test_plain_papermill_gets_the_same_sentence(tmp_path: Path) -> None:
+    """The notebook's validation cell calls the same schema, so papermill users read the same message."""
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError) as info:
+        pm.execute_notebook(REPO / "book" / "00_method.ipynb", tmp_path / "out.ipynb",
+                            parameters={"n": 10}, kernel_name="python3", progress_bar=False,
+                            cwd=str(REPO / "book"))
+    assert info.value.evalue == "bad parameter: n must be greater than or equal to 50, got 10."

@@ -85,7 +85,7 @@ class _Schema(BaseModel):
         always passes ``results_dir``; a plain papermill run that leaves it
         ``None`` writes beside the book's profile folders, never into them.
         """
-        from mbe_helpers.book import resolve_results_dir
+        from mbe_helpers.runtime import resolve_results_dir
 
         return resolve_results_dir(self.results_dir or f"results/custom/{self.chapter}-{self._digest}")
 

@@ -1,4 +1,4 @@
-"""Tests of mbe_helpers.metrics: the probe battery, the acid test, the grid audit helpers."""
+"""Tests of the probe battery (mbe_helpers.probes) and of chapters 01 and 02's modules (acid test, grid audits)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 import torch
 from scipy import stats
 
-from mbe_helpers import metrics as M
-from mbe_helpers.audit import CLASSES, audit
+from mbe_helpers import probes, runtime
+from mbe_helpers.chapters import acid_test as acid_chapter
+from mbe_helpers.chapters import grid as grid_chapter
+from mbe_helpers.audit import CLASSES, OUTCOME_SENTENCES, audit, outcome_sentence
 from mbe_helpers.errors import MBEInputError
 from mbe_helpers.fisher import FIM_KEYS, fim_metrics
 from mbe_helpers.grid import Choice, LogUniform, Uniform, config_hash, sample_configs
@@ -43,11 +45,11 @@ def batch(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_fim_probe_uses_a_fixed_sorted_subset_and_equals_fim_metrics() -> None:
-    probe = M.FimProbe(n_samples=16, seed=3)
+    probe = probes.FimProbe(n_samples=16, seed=3)
     rows = probe.rows(40)
     assert len(rows) == 16 and len(set(rows)) == 16 and np.all(np.diff(rows) > 0)
-    assert np.array_equal(rows, M.FimProbe(16, seed=3).rows(40))
-    assert not np.array_equal(rows, M.FimProbe(16, seed=4).rows(40))
+    assert np.array_equal(rows, probes.FimProbe(16, seed=3).rows(40))
+    assert not np.array_equal(rows, probes.FimProbe(16, seed=4).rows(40))
     model, (x, y) = small_model(), batch()
     got = probe(model, (x, y))
     want = fim_metrics(model, x[rows], y[rows])
@@ -60,44 +62,44 @@ def test_fim_probe_uses_a_fixed_sorted_subset_and_equals_fim_metrics() -> None:
 @pytest.mark.parametrize("bad", [1, 2.5, True, "64"])
 def test_fim_probe_refuses_bad_sizes(bad) -> None:
     with pytest.raises(MBEInputError, match="n_samples must be an integer"):
-        M.FimProbe(bad)
+        probes.FimProbe(bad)
 
 
 def test_weight_spectrum_and_norm() -> None:
     model = small_model(width=16)
-    got = M.weight_spectrum(model, None)
+    got = probes.weight_spectrum(model, None)
     ref = spectral_metrics(model)
     assert got["sci"] == ref["sci"] and got["weight_stable_rank"] == ref["stable_rank_mean"]
     assert got["alpha_hat"] == ref["alpha_hat_ln"] or (math.isnan(got["alpha_hat"])
                                                       and math.isnan(ref["alpha_hat_ln"]))
     flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
-    assert M.weight_norm(model)["weight_norm"] == pytest.approx(float(flat.norm()), rel=1e-12)
+    assert probes.weight_norm(model)["weight_norm"] == pytest.approx(float(flat.norm()), rel=1e-12)
 
 
 def test_random_metric_is_reproducible_and_changes_with_the_weights() -> None:
     model = small_model()
-    value = M.random_metric(model)["random_metric"]
-    assert 0 <= value < 1 and value == M.random_metric(model)["random_metric"]
-    assert value != M.RandomMetric(1)(model)["random_metric"]
+    value = probes.random_metric(model)["random_metric"]
+    assert 0 <= value < 1 and value == probes.random_metric(model)["random_metric"]
+    assert value != probes.RandomMetric(1)(model)["random_metric"]
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1e-6
-    assert value != M.random_metric(model)["random_metric"]
+    assert value != probes.random_metric(model)["random_metric"]
 
 
 def test_random_metric_is_uniform_and_unrelated_to_the_weights() -> None:
     models = [small_model(seed) for seed in range(300)]
-    values = np.array([M.random_metric(m)["random_metric"] for m in models])
-    norms = np.array([M.weight_norm(m)["weight_norm"] for m in models])
+    values = np.array([probes.random_metric(m)["random_metric"] for m in models])
+    norms = np.array([probes.weight_norm(m)["weight_norm"] for m in models])
     assert stats.kstest(values, "uniform").pvalue > 1e-3
     assert abs(stats.spearmanr(values, norms).statistic) < 0.2
 
 
 def test_battery_run_is_picklable_and_records_every_metric_at_every_probe_epoch() -> None:
-    run = pickle.loads(pickle.dumps(M.grid_run))
+    run = pickle.loads(pickle.dumps(probes.grid_run))
     record = run(TINY)
     assert record["status"] == "ok" and 0 <= record["test_acc"] <= 1
     for epoch in (1, 3):
-        for name in (*M.BATTERY, "val_loss"):
+        for name in (*probes.BATTERY, "val_loss"):
             assert isinstance(record[f"{name}@{epoch}"], float), name
     assert record["fim_norm@3"] > 0
     # the battery settings are part of the config, hence of the ledger key
@@ -106,36 +108,36 @@ def test_battery_run_is_picklable_and_records_every_metric_at_every_probe_epoch(
 
 @pytest.mark.parametrize("model", ["resmlp", "cnn"])
 def test_battery_run_probes_the_paper_architectures(model) -> None:
-    record = M.grid_run({**TINY, "model": model, "epochs": 1, "probe_epochs": [1]})
+    record = probes.grid_run({**TINY, "model": model, "epochs": 1, "probe_epochs": [1]})
     assert record["status"] == "ok" and record["fim_norm@1"] > 0 and record["sci@1"] > 0
 
 
 def test_run_with_ledger_counts_reused_runs(tmp_path) -> None:
     configs = pd.DataFrame([{**TINY, "seed": s} for s in range(2)])
     ledger = tmp_path / "ledger.jsonl"
-    runs, reused = M.run_with_ledger(configs, M.grid_run, ledger)
+    runs, reused = probes.run_with_ledger(configs, probes.grid_run, ledger)
     assert len(runs) == 2 and reused == 0 and (runs.status == "ok").all()
     more = pd.DataFrame([{**TINY, "seed": s} for s in range(3)])
-    again, reused = M.run_with_ledger(more, M.grid_run, ledger)
+    again, reused = probes.run_with_ledger(more, probes.grid_run, ledger)
     assert len(again) == 3 and reused == 2
     pd.testing.assert_series_equal(again.test_acc.iloc[:2], runs.test_acc)
 
 
 def test_resolve_device() -> None:
-    assert M.resolve_device("cpu") == "cpu"
-    assert M.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert runtime.resolve_device("cpu") == "cpu"
+    assert runtime.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------- the acid test
 
 
 def test_acid_test_configs_share_the_common_condition() -> None:
-    configs = M.acid_test_configs([50, 100, 200], [0.0, 0.2], noise_n_train=200, seeds=[0, 1],
+    configs = acid_chapter.acid_test_configs([50, 100, 200], [0.0, 0.2], noise_n_train=200, seeds=[0, 1],
                                   epochs=5, probe_epochs=[1, 5])
     assert len(configs) == (3 + 2 - 1) * 2
     assert set(configs.columns) >= {"n_train", "label_noise", "seed", "epochs", "probe_epochs"}
     with pytest.raises(MBEInputError, match="at least one size"):
-        M.acid_test_configs([], [0.0], noise_n_train=50, seeds=[0])
+        acid_chapter.acid_test_configs([], [0.0], noise_n_train=50, seeds=[0])
 
 
 def synthetic_acid_frame(seed: int = 0) -> pd.DataFrame:
@@ -161,7 +163,7 @@ def synthetic_acid_frame(seed: int = 0) -> pd.DataFrame:
 
 def test_acid_test_frame_labels_probes_and_drops_unfinished_runs() -> None:
     runs = synthetic_acid_frame()
-    frame = M.acid_test_frame(runs, [50, 100, 200, 400, 800], [0.0, 0.1, 0.2, 0.3, 0.4],
+    frame = acid_chapter.acid_test_frame(runs, [50, 100, 200, 400, 800], [0.0, 0.1, 0.2, 0.3, 0.4],
                               noise_n_train=800)
     counts = frame.groupby("probe").size()
     assert counts["capacity"] == 20 and counts["noise"] == 20  # the shared condition in both
@@ -172,9 +174,9 @@ def test_acid_test_frame_labels_probes_and_drops_unfinished_runs() -> None:
 
 def test_acid_test_and_verdict() -> None:
     runs = synthetic_acid_frame()
-    frame = M.acid_test_frame(runs, [50, 100, 200, 400, 800], [0.0, 0.1, 0.2, 0.3, 0.4],
+    frame = acid_chapter.acid_test_frame(runs, [50, 100, 200, 400, 800], [0.0, 0.1, 0.2, 0.3, 0.4],
                               noise_n_train=800)
-    table = M.acid_test(frame, ["loss_like", "size_only", "noise"], bootstrap=300, seed=1)
+    table = acid_chapter.acid_test(frame, ["loss_like", "size_only", "noise"], bootstrap=300, seed=1)
     assert list(table.columns) == ["probe", "metric", "n_conditions", "n", "rho", "lo", "hi", "p",
                                    "significant"]
     row = table.set_index(["probe", "metric"])
@@ -189,7 +191,7 @@ def test_acid_test_and_verdict() -> None:
     by_row = audit(capacity, ["loss_like"], "test_acc", bootstrap=300, seed=1).table.iloc[0]
     assert row.loc[("capacity", "loss_like"), "lo"] == by_condition.raw_lo != by_row.raw_lo
     assert row.loc[("capacity", "loss_like"), "p"] == pytest.approx(by_condition.raw_p)
-    verdict = M.acid_verdict(table).set_index("metric")
+    verdict = acid_chapter.acid_verdict(table).set_index("metric")
     assert verdict.loc["loss_like", "verdict"] == "PASS"
     assert verdict.loc["noise", "verdict"] == "FAIL"
     assert "not significant" in verdict.loc["noise", "reason"]
@@ -202,42 +204,42 @@ def test_acid_verdict_needs_the_same_sign() -> None:
     table = pd.DataFrame({"probe": ["capacity", "noise"], "metric": ["m", "m"],
                           "rho": [0.9, -0.9], "lo": [0.8, -0.95], "hi": [0.95, -0.8],
                           "p": [1e-5, 1e-5], "significant": [True, True]})
-    verdict = M.acid_verdict(table).iloc[0]
+    verdict = acid_chapter.acid_verdict(table).iloc[0]
     assert verdict.verdict == "FAIL" and "opposite signs" in verdict.reason
 
 
 def test_acid_test_refuses_a_bad_alpha() -> None:
     with pytest.raises(MBEInputError, match="alpha"):
-        M.acid_test(synthetic_acid_frame().assign(probe="x", condition=1.0), ["noise"], alpha=1.5)
+        acid_chapter.acid_test(synthetic_acid_frame().assign(probe="x", condition=1.0), ["noise"], alpha=1.5)
 
 
 # ----------------------------------------------------------------- the grid
 
 
 def test_grid_space_draws_what_it_says() -> None:
-    space = M.grid_space(epochs=7, probe_epochs=[1, 7])
+    space = grid_chapter.grid_space(epochs=7, probe_epochs=[1, 7])
     assert isinstance(space["lr"], LogUniform) and isinstance(space["label_noise"], Uniform)
     assert isinstance(space["optimizer"], Choice) and space["epochs"] == 7
     configs = sample_configs(space, 200, seed=0)
     assert configs.lr.between(1e-4, 1e-1).all() and configs.n_train.between(100, 1079).all()
     assert configs.n_train.map(lambda v: isinstance(v, int)).all()
     assert set(configs.optimizer) == {"adam", "sgd"} and (configs.probe_epochs.map(len) == 2).all()
-    table = M.space_table(space)
+    table = grid_chapter.space_table(space)
     assert list(table.variable) == ["lr", "weight_decay", "width", "depth", "optimizer",
                                     "label_noise", "n_train", "seed"]
     with pytest.raises(MBEInputError, match="lr must be a range"):
-        M.grid_space(lr=(1e-1, 1e-4))
+        grid_chapter.grid_space(lr=(1e-1, 1e-4))
 
 
 def test_positive_control_is_a_seeded_noisy_copy() -> None:
     frame = pd.DataFrame({"test_acc": np.linspace(0.1, 0.9, 50)})
-    exact = M.add_positive_control(frame, noise=0.0)
+    exact = grid_chapter.add_positive_control(frame, noise=0.0)
     assert np.array_equal(exact.positive_control, frame.test_acc)
-    a, b = M.add_positive_control(frame, seed=1), M.add_positive_control(frame, seed=1)
+    a, b = grid_chapter.add_positive_control(frame, seed=1), grid_chapter.add_positive_control(frame, seed=1)
     assert np.array_equal(a.positive_control, b.positive_control)
     assert 0.5 < stats.spearmanr(a.positive_control, frame.test_acc).statistic < 1
     with pytest.raises(MBEInputError):
-        M.add_positive_control(frame, noise=-1)
+        grid_chapter.add_positive_control(frame, noise=-1)
 
 
 def synthetic_grid(n: int = 120, seed: int = 0) -> pd.DataFrame:
@@ -252,19 +254,19 @@ def synthetic_grid(n: int = 120, seed: int = 0) -> pd.DataFrame:
         frame[f"val_loss@{e}"] = -capability + sharp * rng.standard_normal(n)
         frame[f"proxy@{e}"] = frame[f"val_loss@{e}"] + 0.1 * rng.standard_normal(n)
         frame[f"noise@{e}"] = rng.standard_normal(n)
-    return M.add_positive_control(frame, noise=0.3, seed=seed)
+    return grid_chapter.add_positive_control(frame, noise=0.3, seed=seed)
 
 
 def test_baseline_audits_summary_and_controls() -> None:
     frame = synthetic_grid()
-    design = M.varying(frame, ["lr", "optimizer", "width"])
+    design = grid_chapter.varying_columns(frame, ["lr", "optimizer", "width"])
     assert design == ["lr", "optimizer"]
-    audits = M.baseline_audits(frame, ["proxy@10", "noise@10", "positive_control"], "test_acc",
+    audits = grid_chapter.baseline_audits(frame, ["proxy@10", "noise@10", "positive_control"], "test_acc",
                                baseline=["val_loss@10"], design=design, bootstrap=200,
                                permutations=200, seed=0)
     assert set(audits) == {"baseline", "design", "both"}
     assert audits["both"].controls == ["val_loss@10", "lr", "optimizer"]
-    summary = M.audit_summary(audits, strip="@10")
+    summary = grid_chapter.audit_summary(audits, strip="@10")
     assert list(summary.metric) == ["proxy", "noise", "positive_control"]
     rows = summary.set_index("metric")
     assert rows.loc["proxy", "class_baseline"] == "washout"
@@ -272,19 +274,19 @@ def test_baseline_audits_summary_and_controls() -> None:
     for name in ("baseline", "design", "both"):
         assert {f"partial_{name}", f"lo_{name}", f"hi_{name}", f"perm_p_{name}", f"q_{name}",
                 f"class_{name}"} <= set(summary.columns)
-    checks = M.control_checks(summary, positive="positive_control", negative="noise")
+    checks = grid_chapter.control_checks(summary, positive="positive_control", negative="noise")
     assert checks.landed.all() and list(checks.control) == ["positive", "negative"]
-    bad = M.control_checks(summary, positive="noise", negative="positive_control")
+    bad = grid_chapter.control_checks(summary, positive="noise", negative="positive_control")
     assert not bad.landed.any()
     with pytest.raises(MBEInputError, match="not in the summary"):
-        M.control_checks(summary, positive="absent", negative="noise")
-    sentence = M.classes_sentence(summary, "class_baseline", exclude=["positive_control"])
+        grid_chapter.control_checks(summary, positive="absent", negative="noise")
+    sentence = grid_chapter.classes_sentence(summary, "class_baseline", exclude=["positive_control"])
     assert "washout: proxy" in sentence and "positive_control" not in sentence
 
 
 def test_temporal_audit_uses_the_baseline_of_each_epoch() -> None:
     frame = synthetic_grid()
-    temporal = M.temporal_audit(frame, ["proxy", "noise"], "test_acc", [5, 10],
+    temporal = grid_chapter.temporal_audit(frame, ["proxy", "noise"], "test_acc", [5, 10],
                                 fixed_metrics=["positive_control"])
     assert list(temporal.columns[:3]) == ["epoch", "group", "metric"]
     assert len(temporal) == 6 and set(temporal.metric) == {"proxy", "noise", "positive_control"}
@@ -294,10 +296,10 @@ def test_temporal_audit_uses_the_baseline_of_each_epoch() -> None:
 
 
 def test_outcome_sentences_cover_every_class() -> None:
-    assert set(M.OUTCOME_SENTENCES) == set(CLASSES)
-    assert "re-expresses" in M.outcome_sentence("washout")
+    assert set(OUTCOME_SENTENCES) == set(CLASSES)
+    assert "re-expresses" in outcome_sentence("washout")
     with pytest.raises(MBEInputError, match="unknown outcome class"):
-        M.outcome_sentence("great")
+        outcome_sentence("great")
 
 
 # ----------------------------------------------------------------- figures
@@ -307,16 +309,16 @@ def test_case_study_figures_draw() -> None:
     from mbe_helpers import plots
 
     runs = synthetic_acid_frame()
-    frame = M.acid_test_frame(runs, [50, 100, 200, 400, 800], [0.0, 0.1, 0.2, 0.3, 0.4],
+    frame = acid_chapter.acid_test_frame(runs, [50, 100, 200, 400, 800], [0.0, 0.1, 0.2, 0.3, 0.4],
                               noise_n_train=800)
-    table = M.acid_test(frame, ["loss_like", "noise"], bootstrap=100)
+    table = acid_chapter.acid_test(frame, ["loss_like", "noise"], bootstrap=100)
     grid = synthetic_grid(60)
-    audits = M.baseline_audits(grid, ["proxy@10", "noise@10"], "test_acc",
+    audits = grid_chapter.baseline_audits(grid, ["proxy@10", "noise@10"], "test_acc",
                                baseline=["val_loss@10"], design=["lr"], bootstrap=100)
-    temporal = M.temporal_audit(grid, ["proxy", "noise"], "test_acc", [5, 10], bootstrap=100)
+    temporal = grid_chapter.temporal_audit(grid, ["proxy", "noise"], "test_acc", [5, 10], bootstrap=100)
     figures = [plots.acid_test_figure(frame, ["loss_like"]), plots.rho_forest_figure(table),
                plots.design_figure(grid.assign(n_train=100), ["lr", "n_train"], hue="optimizer"),
-               plots.baseline_figure(M.audit_summary(audits, strip="@10")),
+               plots.baseline_figure(grid_chapter.audit_summary(audits, strip="@10")),
                plots.temporal_figure(temporal, highlight=("proxy",))]
     assert [len(f.axes) for f in figures[:2]] == [4, 1]
     assert all(f.axes for f in figures)

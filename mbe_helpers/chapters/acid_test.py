@@ -1,0 +1,139 @@
+"""Chapter 01, "The acid test": capacity and label-noise probes of one architecture.
+
+:func:`acid_test_configs` builds the capacity and label-noise probes,
+:func:`acid_test_frame` labels the finished runs by probe and condition,
+:func:`acid_test` computes per probe and metric Spearman's rho with the
+target, a bootstrap interval that resamples whole *conditions*, the p-value
+and whether the result is significant, and :func:`acid_verdict` applies the
+rule: PASS when both probes are significant with the same sign. The runs are
+:data:`mbe_helpers.probes.grid_run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mbe_helpers.audit import audit, check_alpha
+from mbe_helpers.errors import MBEInputError
+
+PROBES = ("capacity", "noise")
+
+
+def acid_test_configs(sizes: Sequence[int], noises: Sequence[float], *, noise_n_train: int,
+                      seeds: Sequence[int], **fixed: Any) -> pd.DataFrame:
+    """Training configs of the two probes of the acid test (duplicates removed).
+
+    The capacity probe varies ``n_train`` over ``sizes`` without label noise;
+    the noise probe varies ``label_noise`` over ``noises`` at ``n_train =
+    noise_n_train``.  Every condition is run with every seed; ``fixed`` holds
+    the remaining keys of :data:`mbe_helpers.train.TRAIN_DEFAULTS`.  A config
+    that belongs to both probes (``noise_n_train`` in ``sizes`` and 0 in
+    ``noises``) appears once and is trained once.
+    """
+    if not sizes or not noises or not seeds:
+        raise MBEInputError("the acid test needs at least one size, one noise level and one seed")
+    rows = [{**fixed, "n_train": int(n), "label_noise": 0.0, "seed": int(s)}
+            for n in sizes for s in seeds]
+    rows += [{**fixed, "n_train": int(noise_n_train), "label_noise": float(p), "seed": int(s)}
+             for p in noises for s in seeds]
+    frame = pd.DataFrame(rows)
+    return frame.loc[~frame.drop(columns=[c for c in frame if _unhashable(frame[c])])
+                     .duplicated()].reset_index(drop=True)
+
+
+def _unhashable(column: pd.Series) -> bool:
+    return column.map(lambda v: isinstance(v, (list, dict))).any()
+
+
+def acid_test_frame(runs: pd.DataFrame, sizes: Sequence[int], noises: Sequence[float], *,
+                    noise_n_train: int) -> pd.DataFrame:
+    """Label finished runs by probe: one row per (probe, condition, seed).
+
+    Adds ``probe`` (``capacity`` / ``noise``) and ``condition`` (the value
+    the probe varies); a run shared by both probes appears in both.  Runs
+    that did not finish with status ``ok`` are dropped.
+    """
+    ok = runs[runs.status == "ok"] if "status" in runs else runs
+    capacity = ok[(ok.label_noise == 0) & ok.n_train.isin([int(n) for n in sizes])]
+    noise = ok[(ok.n_train == noise_n_train) & np.isclose(
+        ok.label_noise.to_numpy()[:, None], np.asarray(noises, dtype=float)[None]).any(1)]
+    return pd.concat([capacity.assign(probe="capacity", condition=capacity.n_train.astype(float)),
+                      noise.assign(probe="noise", condition=noise.label_noise.astype(float))],
+                     ignore_index=True)
+
+
+def _condition_cluster(part: pd.DataFrame, bootstrap: int) -> str | None:
+    """``"condition"`` where the bootstrap resamples conditions of several runs, else ``None``
+    (one run per condition is a row bootstrap, which audit() asks to be named as such)."""
+    return "condition" if bootstrap and part.condition.duplicated().any() else None
+
+
+def acid_test(frame: pd.DataFrame, metrics: Sequence[str], target: str = "test_acc", *,
+              bootstrap: int = 1000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    """Stage 1 of the protocol: does each metric track the target in each probe?
+
+    Per probe and metric: Spearman's rho between the metric and ``target``
+    over all runs of the probe (conditions x seeds), its two-sided p-value
+    (t test on n - 2 degrees of freedom) and a percentile bootstrap interval
+    that resamples whole conditions (all seeds of a condition together),
+    because the conditions, not the runs, are the independent units of the
+    design.  A result is ``significant`` when p < ``alpha`` *and* the
+    interval excludes zero.
+
+    Returns
+    -------
+    DataFrame
+        One row per (probe, metric): ``probe, metric, n, n_conditions, rho,
+        lo, hi, p, significant`` (rows of metrics with fewer than four
+        complete runs in a probe have NaN and ``significant=False``).
+    """
+    check_alpha(alpha)
+    rows = []
+    for probe, part in frame.groupby("probe", sort=False):
+        usable = [m for m in metrics if part[[m, target]].replace([np.inf, -np.inf], np.nan)
+                  .dropna().pipe(lambda d: len(d) >= 4 and d[m].nunique() > 1)]
+        result = audit(part, usable, target, bootstrap=bootstrap,
+                       cluster=_condition_cluster(part, bootstrap), seed=seed,
+                       adjust="rank") if usable else None
+        table = result.table.set_index("metric") if result else pd.DataFrame()
+        for metric in metrics:
+            row = {"probe": probe, "metric": metric, "n_conditions": part.condition.nunique()}
+            if metric in table.index:
+                r = table.loc[metric]
+                row.update(n=int(r.n), rho=r.raw_r, lo=r.raw_lo, hi=r.raw_hi, p=r.raw_p)
+            else:
+                row.update(n=0, rho=np.nan, lo=np.nan, hi=np.nan, p=np.nan)
+            row["significant"] = bool(row["p"] < alpha and (row["lo"] > 0 or row["hi"] < 0))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+def acid_verdict(table: pd.DataFrame) -> pd.DataFrame:
+    """PASS or FAIL per metric from :func:`acid_test`'s table.
+
+    PASS when the metric is significant in every probe and rho has the same
+    sign in all of them; ``reason`` says which condition failed.
+    Returns one row per metric: ``metric``, then ``rho_<probe>, lo_<probe>,
+    hi_<probe>, p_<probe>`` for every probe, ``verdict`` and ``reason``.
+    """
+    rows = []
+    for metric, part in table.groupby("metric", sort=False):
+        row: dict[str, Any] = {"metric": metric}
+        for r in part.itertuples():
+            row.update({f"rho_{r.probe}": r.rho, f"lo_{r.probe}": r.lo, f"hi_{r.probe}": r.hi,
+                        f"p_{r.probe}": r.p})
+        weak = [r.probe for r in part.itertuples() if not r.significant]
+        signs = {np.sign(r.rho) for r in part.itertuples()}
+        if weak:
+            reason = ("not significant in the " + " and ".join(weak)
+                      + (" probes" if len(weak) > 1 else " probe"))
+        elif len(signs) > 1:
+            reason = "significant in every probe, but with opposite signs"
+        else:
+            reason = "significant in every probe with the same sign"
+        row.update(verdict="PASS" if not weak and len(signs) == 1 else "FAIL", reason=reason)
+        rows.append(row)
+    return pd.DataFrame(rows)
