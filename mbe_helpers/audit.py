@@ -111,7 +111,7 @@ def outcome_sentence(classification: str) -> str:
 
     Examples
     --------
-    >>> outcome_sentence("washout").startswith("the metric re-expresses")
+    >>> outcome_sentence("washout").startswith("its raw association")
     True
     """
     if classification not in OUTCOME_SENTENCES:

@@ -284,7 +284,7 @@ def _condition_colours(conditions):
 def credit_layers_figure(summary, measures=("rho", "bp_cosine", "nudge")):
     """Each credit measure against the stream state, one line per condition, t-intervals over seeds.
 
-    ``summary`` stacks :func:`mbe_helpers.experiments.seed_intervals` tables
+    ``summary`` stacks :func:`mbe_helpers.residual.seed_intervals` tables
     with a ``measure`` column; controls are drawn black dashed (positive) and
     grey dotted (negative).
     """
@@ -351,7 +351,7 @@ def calibrated_scale_figure(deep, placed, per_layer, floor_units: float = 3.0):
 def sensitivity_figure(sweep):
     """Rho against eps and against the number of directions M (mean ± sd over direction seeds).
 
-    ``sweep`` stacks :func:`mbe_helpers.experiments.sensitivity` tables; one
+    ``sweep`` stacks :func:`mbe_helpers.chapters.credit_calibration.sensitivity` tables; one
     line per condition and precision.
     """
     data = sweep.assign(series=sweep.condition + " (" + sweep.dtype + ")")
@@ -370,7 +370,7 @@ def sensitivity_figure(sweep):
 def stream_norms_figure(layers, grad_floor: float = 1e-7):
     """Diagnostics (a) and (b): median residual norm and BP-gradient norm per stream state.
 
-    ``layers`` is :meth:`mbe_helpers.experiments.DiagnosticRuns.layers`; the
+    ``layers`` is :meth:`mbe_helpers.chapters.fa_diagnostics.DiagnosticRuns.layers`; the
     line is the mean over seeds, the band their range; log scale, with the
     BP-gradient floor drawn.
     """
@@ -392,7 +392,7 @@ def stream_norms_figure(layers, grad_floor: float = 1e-7):
 def stability_figure(accuracy, ceiling: float = 0.30):
     """Diagnostic (c): cross-batch stability of the BP-gradient direction per method, ceiling drawn.
 
-    ``accuracy`` is :meth:`mbe_helpers.experiments.DiagnosticRuns.accuracy`
+    ``accuracy`` is :meth:`mbe_helpers.chapters.fa_diagnostics.DiagnosticRuns.accuracy`
     (its ``stability`` column is the value at the judged state); points are
     seeds, the bar their mean.
     """
@@ -414,7 +414,7 @@ def frozen_margin_figure(accuracy, shallow=None, margin: float = 0.02):
     """Diagnostic (d): test accuracy per method against the frozen-blocks baseline.
 
     Left: test accuracy per method (points are seeds), with the networks
-    without deep blocks (``shallow``, :func:`mbe_helpers.experiments.shallow_baselines`)
+    without deep blocks (``shallow``, :func:`mbe_helpers.chapters.fa_diagnostics.shallow_baselines`)
     for reference.  Right: accuracy minus the frozen baseline of the same
     seed, in percentage points, with the required margin drawn.
     """

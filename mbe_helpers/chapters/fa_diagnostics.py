@@ -1,13 +1,233 @@
-"""Chapter 04, "FA diagnostics": the sentences its prose glues.
+"""Chapter 04, "FA diagnostics": can a feedback-alignment result be taken at face value?
 
-The runs and the protocol live in :mod:`mbe_helpers.experiments` and
-:mod:`mbe_helpers.protocol`; this module turns their tables into words
-(tested on constructed tables).
+* :func:`eval_batches` -- disjoint held-out batches for the protocol;
+* :func:`diagnostic_runs` -- every method and seed trained and diagnosed
+  (:class:`DiagnosticRuns`), with the frozen-blocks network of the same seed
+  as the baseline of (d);
+* :func:`alignment_runs`, :func:`survival` -- each method's own credit signal
+  measured on its network, and which alignment numbers the protocol lets stand;
+* :func:`shallow_baselines` -- networks with no deep blocks at all;
+* :func:`dfa_pattern` -- the sentence on vanilla DFA against backprop (tested
+  on constructed tables).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import pandas as pd
+import torch
+from torch import nn
+
+from mbe_helpers import protocol, runtime
+from mbe_helpers.data import Dataset
+from mbe_helpers.errors import MBEInputError
+from mbe_helpers.models import ResidualMLP
+from mbe_helpers.residual import (INIT, MEASURES, METHODS, OWN_SIGNAL, build_seeded, check_measurement,
+                                  check_names, check_seeds, check_train_kw, deep_layer_table, eval_set,
+                                  measure_condition, seed_intervals, train_residual)
+from mbe_helpers.train import train
+def eval_batches(data: Dataset, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n_batches`` disjoint evaluation batches from the pooled validation and test splits."""
+    if not (isinstance(n_batches, int) and isinstance(batch_size, int) and n_batches >= 2
+            and batch_size >= 1):
+        raise MBEInputError(f"need at least 2 batches of at least 1 sample, got n_batches="
+                            f"{n_batches!r}, batch_size={batch_size!r}")
+    x = torch.cat([data.x_val, data.x_test])
+    y = torch.cat([data.y_val, data.y_test])
+    if n_batches * batch_size > len(y):
+        raise MBEInputError(f"{n_batches} batches of {batch_size} need {n_batches * batch_size} "
+                            f"evaluation samples, but validation + test hold {len(y)}")
+    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
+            for i in range(n_batches)]
+
+
+@dataclass
+class DiagnosticRuns:
+    """Every (method, seed) network of :func:`diagnostic_runs` and its diagnosis.
+
+    Attributes
+    ----------
+    diagnoses : dict
+        ``(method, seed) -> Diagnosis``.
+    models : dict
+        ``(method, seed) -> (model, rule, record)``, the frozen baseline included.
+    methods, seeds : list
+        In the order requested.
+    """
+
+    diagnoses: dict
+    models: dict
+    methods: list
+    seeds: list
+
+    def layers(self) -> pd.DataFrame:
+        """One row per (method, seed, layer): ``residual_norm, bp_grad_norm, stability``."""
+        return pd.concat([d.layers().assign(seed=s) for (_, s), d in self.diagnoses.items()],
+                         ignore_index=True)
+
+    def verdicts(self) -> pd.DataFrame:
+        """One row per (method, seed, diagnostic): ``state, detail``."""
+        return pd.concat([d.to_frame().assign(seed=s) for (_, s), d in self.diagnoses.items()],
+                         ignore_index=True)
+
+    def accuracy(self) -> pd.DataFrame:
+        """One row per (method, seed): ``test_acc``, the stability value that (c) judges, and
+        the same seed's ``frozen_acc`` and ``margin`` (NaN where (d) is skipped)."""
+        rows = [{"method": m, "seed": s, "test_acc": d.headline_acc,
+                 "frozen_acc": np.nan if d.frozen_baseline_acc is None else d.frozen_baseline_acc,
+                 "stability": d.stability[d.stability_layer], "stability_layer": d.stability_layer}
+                for (m, s), d in self.diagnoses.items()]
+        table = pd.DataFrame(rows)
+        return table.assign(margin=table["test_acc"] - table["frozen_acc"])
+
+    def summary(self) -> pd.DataFrame:
+        """One row per method, over its seeds: mean ``test_acc``, largest ``max_growth``,
+        smallest ``min_grad_norm``, mean and largest ``stability``, mean ``margin`` over the
+        frozen baseline (NaN where (d) is skipped) and ``face_value`` (seeds with no diagnostic firing)."""
+        rows = []
+        for m in self.methods:
+            ds = [self.diagnoses[(m, s)] for s in self.seeds]
+            stab = [d.stability[d.stability_layer] for d in ds]
+            margins = [d.headline_acc - d.frozen_baseline_acc for d in ds if d.frozen_baseline_acc is not None]
+            rows.append({"method": m, "test_acc": np.mean([d.headline_acc for d in ds]),
+                         "max_growth": max(d.max_growth for d in ds),
+                         "min_grad_norm": min(min(d.bp_grad_norms) for d in ds),
+                         "stability": np.mean(stab), "stability_max": max(stab),
+                         "margin": np.mean(margins) if margins else np.nan,
+                         "face_value": sum(d.verdict == "face value" for d in ds)})
+        return pd.DataFrame(rows)
+
+    def verdict_table(self) -> pd.DataFrame:
+        """Method x diagnostic: in how many seeds each diagnostic fires (``"2/3"``), or ``skipped``."""
+        v = self.verdicts()
+        cells = v.groupby(["method", "diagnostic"], sort=False)["state"].agg(_count_fires)
+        table = cells.unstack("diagnostic").reindex(self.methods)
+        overall = {m: f"{sum(self.diagnoses[(m, s)].verdict == 'face value' for s in self.seeds)}"
+                      f"/{len(self.seeds)}" for m in self.methods}
+        return table.assign(face_value=pd.Series(overall)).rename_axis(columns=None)
+
+
+def _count_fires(states: pd.Series) -> str:
+    if (states == protocol.SKIPPED).all():
+        return protocol.SKIPPED
+    return f"{int((states == protocol.FIRES).sum())}/{len(states)}"
+
+
+def diagnostic_runs(data: Dataset, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2),
+                    *, n_batches: int = 8, eval_batch_size: int = 88, progress: bool = False,
+                    thresholds: protocol.Thresholds | None = None,
+                    stability_layer: int | None = None, **train_kw) -> DiagnosticRuns:
+    """Chapter 4: train every method and seed, run the protocol on each.
+
+    ``methods`` are rules of :mod:`mbe_helpers.feedback` plus ``"init"``
+    (the untrained network, a reference for (c)).  The frozen-blocks network
+    of the same seed is always trained: its test accuracy is the baseline of
+    (d) for every method (for ``frozen`` itself and ``init`` (d) is skipped).
+    The protocol reads :func:`eval_batches` (``n_batches`` of
+    ``eval_batch_size``, held out); ``train_kw`` (``width, n_blocks, epochs,
+    lr, batch_size, penalty``) go to :func:`train_residual`.
+    """
+    methods = check_names(methods, (*METHODS, INIT), "method")
+    seeds = check_seeds(seeds)
+    check_train_kw(train_kw)
+    batches = eval_batches(data, n_batches, eval_batch_size)
+    order = ["frozen", *[m for m in methods if m != "frozen"]]
+    models = {}
+    for method, seed in runtime.progress([(m, s) for s in seeds for m in order],
+                                          desc="FA diagnostics", enabled=progress):
+        kw = {**train_kw, "epochs": 0} if method == INIT else train_kw
+        models[(method, seed)] = train_residual("bp" if method == INIT else method, data,
+                                                seed=seed, **kw)
+    diagnoses = {}
+    for method in methods:
+        for seed in seeds:
+            model, _, record = models[(method, seed)]
+            frozen = None if method in ("frozen", INIT) else models[("frozen", seed)][2]["test_acc"]
+            diagnoses[(method, seed)] = protocol.diagnose(
+                model, batches, record["test_acc"], frozen, method=method,
+                stability_layer=stability_layer, thresholds=thresholds)
+    return DiagnosticRuns(diagnoses, models, methods, seeds)
+
+
+def alignment_runs(runs: DiagnosticRuns, data: Dataset, *, eval_size: int = 512,
+                   eps: float = 1e-3, n_directions: int = 32) -> pd.DataFrame:
+    """Each method's own credit signal measured on its own network (see :data:`OWN_SIGNAL`).
+
+    Returns one row per (method, seed, layer) with ``condition, rho,
+    bp_cosine, nudge, reason``; methods without a credit signal of their own
+    (``frozen``, ``init``) are left out.
+    """
+    check_measurement(eval_size, eps, n_directions)
+    x, y = eval_set(data, eval_size)
+    rows = []
+    for (method, seed), (model, rule, _) in runs.models.items():
+        if method not in OWN_SIGNAL or method not in runs.methods:
+            continue
+        table = measure_condition(OWN_SIGNAL[method], model, rule, x, y, eps=eps,
+                                  n_directions=n_directions, seed=seed)
+        rows.append(table.assign(method=method, condition=OWN_SIGNAL[method], seed=seed))
+    if not rows:
+        raise MBEInputError(f"none of the methods {', '.join(runs.methods)} has a credit signal "
+                            f"of its own; include one of {', '.join(OWN_SIGNAL)}")
+    return pd.concat(rows, ignore_index=True)[["method", "condition", "seed", "layer", *MEASURES,
+                                               "reason"]]
+
+
+def survival(alignment: pd.DataFrame, runs: DiagnosticRuns, min_layer: int = 1) -> pd.DataFrame:
+    """Which alignment numbers survive the protocol, per method.
+
+    An alignment number (rho, Gamma against the BP gradient) can be read
+    when its reference is sound: (b) and (c) fire in no seed.  A claim that
+    the deep blocks learned something needs (d) to stay quiet as well.
+
+    Returns one row per method: deep-layer ``rho`` and ``bp_cosine`` (mean
+    and t-interval over seeds), how often (b), (c), (d) fire, and the two
+    booleans ``alignment_readable`` and ``beats_frozen``.
+    """
+    deep = deep_layer_table(alignment.drop(columns="condition").rename(
+        columns={"method": "condition"}), min_layer=min_layer)
+    rho = seed_intervals(deep, "rho", by=("condition",)).set_index("condition")
+    gamma = seed_intervals(deep, "bp_cosine", by=("condition",)).set_index("condition")
+    v = runs.verdicts()
+    fires = (v.assign(fired=v["state"] == protocol.FIRES)
+             .pivot_table(index="method", columns="diagnostic", values="fired", aggfunc="sum"))
+    rows = []
+    for method in rho.index:
+        b, c, d = (int(fires.loc[method, k]) for k in
+                   ("b_bp_gradient_floor", "c_direction_stability", "d_frozen_baseline"))
+        rows.append({"method": method, "rho": rho.loc[method, "mean"],
+                     "rho_lo": rho.loc[method, "ci_lo"], "rho_hi": rho.loc[method, "ci_hi"],
+                     "bp_cosine": gamma.loc[method, "mean"], "b_fires": b, "c_fires": c,
+                     "d_fires": d, "n_seeds": len(runs.seeds),
+                     "alignment_readable": b == 0 and c == 0, "beats_frozen": d == 0})
+    return pd.DataFrame(rows)
+
+
+def shallow_baselines(data: Dataset, seeds: Sequence[int] = (0,), *, width: int = 256,
+                      epochs: int = 30, lr: float = 1e-3, batch_size: int | None = 128) -> pd.DataFrame:
+    r"""Test accuracy of networks without deep blocks, trained by backprop like the others.
+
+    * ``linear``: softmax regression on the raw inputs, :math:`z = W x + b`;
+    * ``no_blocks``: the ``ResidualMLP`` with zero blocks, :math:`z =
+      \mathrm{head}(\mathrm{LN}(\mathrm{embed}(x)))` -- a trained embedding
+      and a linear read-out.
+
+    Returns ``model, seed, test_acc``.
+    """
+    seeds = check_seeds(seeds)
+    builders = {"linear": lambda: nn.Linear(data.in_dim, data.n_classes),
+                "no_blocks": lambda: ResidualMLP(data.in_dim, width, data.n_classes, 0)}
+    rows = []
+    for name, build in builders.items():
+        for seed in seeds:
+            model = build_seeded(build, seed).to(data.x_train)
+            record = train(model, data, optimizer="adam", lr=lr, epochs=epochs,
+                           batch_size=batch_size, seed=seed)
+            rows.append({"model": name, "seed": seed, "test_acc": record["test_acc"]})
+    return pd.DataFrame(rows)
 
 
 def dfa_pattern(per_method: pd.DataFrame, max_growth: float, grad_floor: float) -> str:
