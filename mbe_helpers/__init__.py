@@ -1,6 +1,7 @@
 """mbe_helpers: audit metrics of neural networks against trivial baselines.
 
-Modules (one idea each): ``audit`` (the MBE statistic), ``fisher``
+Modules (one idea each): ``audit`` (the MBE statistic), ``comparators``
+(Jiang's and Dziugaite's yardsticks), ``fisher``
 (per-sample-gradient geometry), ``spectral`` (weight spectra), ``credit``,
 ``feedback``, ``protocol``, ``models``, ``data``, ``train``, ``grid``,
 ``plots`` and ``book`` (chapters, profiles, the ``mbe-book`` CLI).

@@ -9,6 +9,7 @@ Examples
     mbe-book build --profile default
     mbe-book audit runs.csv --metrics fim,sci --target acc --controls lr,wd,arch \\
         --bootstrap 1000 --adjust auto --placebos 200 --out report.md --out report.csv
+    mbe-book audit runs.csv --metrics fim,sci --target gap --controls lr,wd --comparators lr,wd,width
 
 Bad input (an unknown chapter, parameter, column or file) is reported in one
 sentence on stderr with exit status 2; a chapter or site build that fails
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--washout", type=float, default=0.10, help="|partial rho| below which a metric washes out")
     p.add_argument("--out", type=Path, action="append", default=[],
                    help="write the report: .md (markdown) or .csv (table); repeatable")
+    p.add_argument("--comparators", type=_csv_list, default=[], metavar="HP1,HP2,...",
+                   help="also report Jiang et al.'s granulated Kendall and conditional MI and Dziugaite "
+                        "et al.'s robust sign-error over these hyperparameter columns (whole table)")
     p.set_defaults(func=cmd_audit)
     return parser
 
@@ -199,18 +203,34 @@ def cmd_audit(args: argparse.Namespace) -> int:
                    seed=args.seed, effect=args.effect, washout=args.washout, adjust=args.adjust,
                    folds=args.folds, placebos=args.placebos, dedupe=args.dedupe)
     result.show(console=_console())
+    tables, section = _comparators(runs, args)
+    print(section, end="")
     for path in args.out:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".md":
-            _write_atomic(path, result.to_markdown())
+            _write_atomic(path, result.to_markdown() + section)
         else:
             _write_atomic(path, result.to_frame().to_csv(index=False))
             if len(result.calibration):
                 calibration = path.with_name(path.stem + "_calibration.csv")
                 _write_atomic(calibration, result.calibration.to_csv(index=False))
                 print(f"wrote {calibration}")
+            for name, table in tables.items():
+                extra = path.with_name(f"{path.stem}_{name}.csv")
+                _write_atomic(extra, table.to_csv(index=False))
+                print(f"wrote {extra}")
         print(f"wrote {path}")
     return 0
+
+
+def _comparators(runs: Any, args: argparse.Namespace) -> tuple[dict, str]:
+    """``--comparators``: the three tables per metric and their markdown section (none without it)."""
+    if not args.comparators:
+        return {}, ""
+    from mbe_helpers.comparators import comparator_tables, comparators_markdown
+
+    tables = comparator_tables(runs, args.metrics, args.target, args.comparators)
+    return tables, comparators_markdown(tables, args.target)
 
 
 def _write_atomic(path: Path, text: str) -> None:
