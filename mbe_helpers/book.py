@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from mbe_helpers.errors import MBEInputError
+from mbe_helpers.errors import MBEInputError, require_extra
 
 PROFILES = ("smoke", "default", "paper")
 KERNEL = "python3"
@@ -357,6 +357,7 @@ def execute_chapter(chapter: Chapter, profile: str = "default",
     results = Path(results_dir) if results_dir else results_path(root, profile, chapter)
     params = resolve_parameters(chapter, profile, overrides, results.resolve())
     output.parent.mkdir(parents=True, exist_ok=True)
+    require_extra("papermill", "book", "executing a chapter")
     import papermill as pm  # heavy; only for runs
 
     bar = {"desc": chapter.stem, "leave": True} if progress else False
@@ -476,7 +477,7 @@ def jupyter_book_command() -> list[str]:
     local = Path(sys.executable).with_name("jupyter-book")
     found = str(local) if local.exists() else shutil.which("jupyter-book")
     if not found:
-        raise BuildError("jupyter-book is not installed: pip install -e '.[book]'.")
+        raise BuildError("jupyter-book is not installed; install it with pip install 'mbe-helpers[book]'.")
     return [found]
 
 

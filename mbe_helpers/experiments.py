@@ -38,6 +38,10 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.experiments")
+
 import numpy as np
 import pandas as pd
 import torch
