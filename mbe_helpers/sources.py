@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def _check_status(status: object) -> None:
 
 
 def _refuse_repeated(path: Path, names: list) -> None:
-    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    repeated = sorted(str(n) for n, count in Counter(names).items() if count > 1)
     if repeated:
         raise MBEInputError(f"{path} names column {repeated[0]!r} more than once; "
                             "give every column a distinct name.")

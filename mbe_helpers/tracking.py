@@ -170,7 +170,13 @@ def _experiment(client: Any, uri: str, name: str, create: bool) -> str:
         raise MBEInputError(f"the MLflow experiment {name!r} at {uri} is deleted; restore it or "
                             "choose another name.")
     if create:
-        return _call(uri, client.create_experiment, name)
+        try:
+            return _call(uri, client.create_experiment, name)
+        except MBEInputError:  # another runner may have created it just now
+            again = _call(uri, client.get_experiment_by_name, name)
+            if again is None:
+                raise
+            return again.experiment_id
     known = [e.name for e in _call(uri, client.search_experiments, max_results=20)]
     there = ", ".join(repr(n) for n in known) if known else "none"
     raise MBEInputError(f"no MLflow experiment named {name!r} at {uri} (experiments there: {there}).")

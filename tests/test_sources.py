@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from mbe_helpers.audit import audit, read_runs
 from mbe_helpers.cli import main
 from mbe_helpers.errors import MBEInputError
 from mbe_helpers.grid import FINISHED, read_ledger, run_grid, sample_configs
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported: no calls out
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ["fim_norm@5", "loss_proxy@5"]
@@ -298,7 +301,6 @@ def test_mbe_book_run_track_logs_the_chapter_grid(store: dict, tmp_path: Path, m
     seen = {}
 
     def chapter(chapter, profile, overrides, root, progress):  # what a grid chapter's kernel does
-        import os
         seen["env"] = os.environ["MBE_TRACK"], os.environ["MLFLOW_TRACKING_URI"]
         metrics.run_with_ledger(pd.DataFrame(configs(6)), fake_run, tmp_path / "ledger.jsonl")
         return tmp_path / "executed.ipynb"
@@ -310,6 +312,6 @@ def test_mbe_book_run_track_logs_the_chapter_grid(store: dict, tmp_path: Path, m
     assert seen["env"] == ("mlflow://chapter", store["uri"])
     assert "tracked in MLflow: experiment 'chapter'" in capsys.readouterr().out
     assert len(read_runs("mlflow://chapter", tracking_uri=store["uri"])) == 4  # ok runs of 6
-    assert "MBE_TRACK" not in __import__("os").environ
+    assert "MBE_TRACK" not in os.environ
     assert main(["--root", str(REPO), "run", "00_method", "--tracking-uri", store["uri"]]) == 2
     assert "--tracking-uri needs --track" in capsys.readouterr().err
