@@ -173,13 +173,15 @@ def built_wheel() -> Path:
 def test_core_wheel_audits_a_csv_without_torch(tmp_path: Path, capsys) -> None:
     wheel = built_wheel()
     env_dir = tmp_path / "core-venv"
+    clean = {k: v for k, v in os.environ.items()  # nothing of this interpreter's paths leaks in
+             if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "VIRTUAL_ENV")}
     try:
         venv.create(env_dir, with_pip=True, symlinks=True)
         python = env_dir / "bin" / "python"
         start = time.perf_counter()
         proc = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-compile",
                                "--disable-pip-version-check", "-c", str(REPO / "constraints.txt"),
-                               str(wheel)], capture_output=True, text=True, check=False)
+                               str(wheel)], capture_output=True, text=True, check=False, env=clean)
         seconds = time.perf_counter() - start
         assert proc.returncode == 0, proc.stderr[-3000:]
         size = int(subprocess.run(["du", "-sm", str(env_dir)], capture_output=True, text=True,
@@ -196,7 +198,8 @@ def test_core_wheel_audits_a_csv_without_torch(tmp_path: Path, capsys) -> None:
                 except ModuleNotFoundError as exc:
                     print(type(exc).__name__, exc)
         """)
-        check = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+        check = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True,
+                               env=clean)
         assert check.stdout.splitlines() == [
             *(f"ModuleNotFoundError No module named '{m}'"
               for m in ("torch", "torchvision", "mlflow", "pyarrow", "dask", "papermill")),
@@ -208,7 +211,7 @@ def test_core_wheel_audits_a_csv_without_torch(tmp_path: Path, capsys) -> None:
         there, here = tmp_path / "core.csv", tmp_path / "full.csv"
         proc = subprocess.run([env_dir / "bin" / "mbe-book", "audit", str(runs), *AUDIT,
                                "--out", str(there)], capture_output=True, text=True, check=False,
-                              cwd=tmp_path)
+                              cwd=tmp_path, env=clean)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "survives" in proc.stdout
         assert main(["audit", str(runs), *AUDIT, "--out", str(here)]) == 0
