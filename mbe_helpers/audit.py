@@ -24,6 +24,10 @@ engine: a bootstrap resample is represented by integer row weights (the
 multiplicity of each row), so ranks, regressions and correlations over
 :math:`B` resamples are evaluated as a few batched array operations instead of
 a Python loop.
+
+:func:`read_runs` (from :mod:`mbe_helpers.sources`) reads the table of runs
+from a CSV, TSV, parquet or JSON-lines file, the grid's own ledger or an
+MLflow experiment (``mlflow://NAME``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from scipy import stats
 
 from mbe_helpers import crossfit
 from mbe_helpers.errors import MBEInputError
+from mbe_helpers.sources import read_runs  # noqa: F401 - re-exported: audit(read_runs(src), ...)
 
 EFFECT = 0.20
 WASHOUT = 0.10

@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from mbe_helpers.errors import MBEInputError
+from mbe_helpers.errors import MBEInputError, require_extra
 from mbe_helpers.runtime import find_root, is_book_root, resolve_results_dir  # noqa: F401 (re-exported)
 
 PROFILES = ("smoke", "default", "paper")
@@ -382,6 +382,7 @@ def execute_chapter(chapter: Chapter, profile: str = "default",
     results = Path(results_dir) if results_dir else default_results
     params = resolve_parameters(chapter, profile, overrides, _relative(results, root))
     output.parent.mkdir(parents=True, exist_ok=True)
+    require_extra("papermill", "book", "executing a chapter")
     import papermill as pm  # heavy; only for runs
 
     bar = {"desc": chapter.stem, "leave": True} if progress else False
@@ -509,7 +510,7 @@ def jupyter_book_command() -> list[str]:
     local = Path(sys.executable).with_name("jupyter-book")
     found = str(local) if local.exists() else shutil.which("jupyter-book")
     if not found:
-        raise BuildError("jupyter-book is not installed: pip install -e '.[book]'.")
+        raise BuildError("jupyter-book is not installed; install it with pip install 'mbe-helpers[book]'.")
     return [found]
 
 

@@ -1,4 +1,4 @@
-"""The ``mbe-book`` command: list, run and build chapters; audit a CSV of runs.
+"""The ``mbe-book`` command: list, run and build chapters; audit a table of runs.
 
 Examples
 --------
@@ -6,10 +6,13 @@ Examples
 
     mbe-book list
     mbe-book run method -p n 200 -p seed 3 --profile smoke
+    mbe-book run heterogeneous_grid --track mlflow://grid --tracking-uri sqlite:///mlflow.db
     mbe-book build --profile default
     mbe-book audit runs.csv --metrics fim,sci --target acc --controls lr,wd,arch \\
         --bootstrap 1000 --adjust auto --placebos 200 --out report.md --out report.csv
     mbe-book audit runs.csv --metrics fim,sci --target gap --controls lr,wd --comparators lr,wd,width
+    mbe-book audit results/ledger.jsonl --metrics fim_norm@20 --target test_acc
+    mbe-book audit mlflow://grid --tracking-uri sqlite:///mlflow.db --metrics fim_norm@20 --target test_acc
 
 Bad input (an unknown chapter, parameter, column or file) is reported in one
 sentence on stderr with exit status 2; a chapter or site build that fails
@@ -19,13 +22,16 @@ exits with status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from mbe_helpers import book
-from mbe_helpers.errors import MBEInputError
+from mbe_helpers.errors import MBEInputError, MissingExtraError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a parameter; VALUE is parsed as YAML (repeatable)")
     p.add_argument("--profile", default="default", help="smoke, default or paper (default: default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--track", default=None, metavar="mlflow://EXPERIMENT",
+                   help="also log the chapter's grid runs to this MLflow experiment")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("build", help="run every chapter, then build the site into _build/html")
@@ -62,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("audit", help="audit metrics in a CSV of runs (one row per trained model)")
-    p.add_argument("csv", type=Path, help="the runs, one row per trained model")
+    p = sub.add_parser("audit", help="audit metrics in a table of runs (one row per trained model)")
+    p.add_argument("source", help="the runs: .csv, .tsv, .parquet, .jsonl or .json (a grid ledger "
+                   "too), or mlflow://EXPERIMENT")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own)")
+    p.add_argument("--status", type=_csv_list, default=["ok"],
+                   help="ledger and MLflow runs to keep, comma-separated (default: ok; 'all' keeps all)")
     p.add_argument("--metrics", type=_csv_list, required=True, help="comma-separated metric columns")
     p.add_argument("--target", required=True, help="target column, e.g. final test accuracy")
     p.add_argument("--controls", type=_csv_list, default=[], help="comma-separated control columns")
@@ -140,11 +153,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {name: book.parse_value(value) for name, value in args.parameter}
     book.resolve_parameters(chapter, args.profile, overrides)      # refuse bad values before a kernel
     out, results = book.run_location(root, args.profile, chapter, overrides)
-    out = book.execute_chapter(chapter, args.profile, overrides, root=root, progress=not args.no_progress)
+    with _tracking(args.track, args.tracking_uri):
+        out = book.execute_chapter(chapter, args.profile, overrides, root=root,
+                                   progress=not args.no_progress)
     kind = "custom parameters" if "custom" in out.parts else args.profile
     print(f"executed {chapter.stem} ({kind}): {book._relative(out, Path(root))}")
     print(f"artifacts: {book._relative(Path(overrides.get('results_dir', results)), Path(root))}")
     return 0
+
+
+@contextlib.contextmanager
+def _tracking(track: str | None, tracking_uri: str | None) -> Iterator[None]:
+    """Hand ``--track`` to the chapter's kernel (``MBE_TRACK``, ``MLFLOW_TRACKING_URI``).
+
+    The store is opened here first, so a bad tracker fails in one sentence
+    before the chapter runs; :func:`mbe_helpers.metrics.run_with_ledger` reads
+    the variables in the kernel.
+    """
+    if track is None:
+        if tracking_uri is not None:
+            raise MBEInputError("--tracking-uri needs --track mlflow://EXPERIMENT.")
+        yield
+        return
+    from mbe_helpers.tracking import open_tracker
+
+    tracker = open_tracker(track, tracking_uri)
+    saved = {k: os.environ.get(k) for k in ("MBE_TRACK", "MLFLOW_TRACKING_URI")}
+    os.environ.update(MBE_TRACK=f"mlflow://{tracker.experiment}", MLFLOW_TRACKING_URI=tracker.uri)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
+    print(f"tracked in MLflow: experiment {tracker.experiment!r} at {tracker.uri}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -154,37 +195,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_runs(path: Path) -> Any:
-    """Read a CSV (or TSV) of runs, refusing a missing, unreadable or ambiguous file in one sentence.
-
-    The separator is sniffed from the header line (comma, semicolon, tab); a
-    header that names a column twice is refused rather than renamed.
-    """
-    import csv
-
-    import pandas as pd
-
-    if path.is_dir():
-        raise MBEInputError(f"{path} is a folder; give the CSV file of runs inside it.")
-    if not path.is_file():
-        raise MBEInputError(f"no such file: {path}.")
-    try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            header = handle.readline()
-        separator = max(",;\t", key=header.count) if header.strip() else ","
-        names = next(csv.reader([header], delimiter=separator)) if header.strip() else []
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise MBEInputError(f"{path} names column {repeated[0]!r} more than once in its header; "
-                                "give every column a distinct name.")
-        return pd.read_csv(path, sep=separator)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise MBEInputError(f"could not read {path} as CSV: {book._first_line(str(exc))}.") from None
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Audit metrics of a CSV, print the table and write the requested reports."""
+    """Audit metrics of a table of runs, print the table and write the requested reports."""
     from mbe_helpers.audit import audit
+    from mbe_helpers.sources import read_runs
 
     bad = [p for p in args.out if p.suffix.lower() not in (".md", ".csv")]
     if bad:
@@ -193,11 +207,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if folders:
         raise MBEInputError(f"--out {folders[0]} is a folder; give a file name such as "
                             f"{folders[0] / 'report.md'}.")
-    clash = [p for p in args.out if p.resolve() == args.csv.resolve()]
+    source = None if "://" in args.source else Path(args.source).resolve()
+    clash = [p for p in args.out if p.resolve() == source]
     if clash:
         raise MBEInputError(f"--out {clash[0]} is the input file; write the report to another path "
                             "so the runs are not overwritten.")
-    runs = read_runs(args.csv)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. MLflow columns that keep a prefix
+        warnings.simplefilter("always")
+        runs = read_runs(args.source, tracking_uri=args.tracking_uri,
+                         status=None if args.status == ["all"] else args.status)
+    for warning in caught:
+        print(f"mbe-book: note: {warning.message}", file=sys.stderr)
     result = audit(runs, args.metrics, args.target, args.controls, groupby=args.groupby,
                    bootstrap=args.bootstrap, permutations=args.permutations, cluster=args.cluster,
                    seed=args.seed, effect=args.effect, washout=args.washout, adjust=args.adjust,
@@ -245,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (MBEInputError, FileNotFoundError) as exc:
+    except (MBEInputError, FileNotFoundError, MissingExtraError) as exc:
         return _fail(exc, 2)
     except (book.ChapterError, book.BuildError) as exc:
         return _fail(exc, 1)

@@ -24,6 +24,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.data")
+
 import numpy as np
 import torch
 
@@ -298,6 +302,7 @@ def _raw(name: str, root: str, download: bool) -> tuple[np.ndarray, np.ndarray,
                                                         tuple[int, ...] | None]:
     """Pooled inputs (flat, channel-first), integer labels and the image shape."""
     if name == "digits":
+        require_extra("sklearn", "torch", "the digits data set")
         from sklearn.datasets import load_digits
         bunch = load_digits()
         return bunch.data, bunch.target.astype(np.int64), (1, 8, 8)
@@ -308,6 +313,7 @@ def _raw(name: str, root: str, download: bool) -> tuple[np.ndarray, np.ndarray,
 
 def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
     """Generate MNIST-1D with its default arguments, leaving global RNG state untouched."""
+    require_extra("mnist1d", "torch", "the mnist1d data set")
     from mnist1d.data import get_dataset_args, make_dataset
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
@@ -323,6 +329,7 @@ def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
 def _torchvision(name: str, root: str, download: bool) -> tuple[np.ndarray, np.ndarray,
                                                                 tuple[int, ...]]:
     """Read MNIST, FashionMNIST or CIFAR-10 through torchvision from ``root``."""
+    require_extra("torchvision", "torch", f"the {name} data set")
     import torchvision
     class_name, folder, files = _TORCHVISION[name]
     cls = getattr(torchvision.datasets, class_name)

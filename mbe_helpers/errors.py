@@ -1,4 +1,8 @@
-"""The one exception type the package raises for bad input."""
+"""The exception types the package raises for bad input and for a missing optional extra."""
+
+from __future__ import annotations
+
+import importlib.util
 
 
 class MBEInputError(ValueError):
@@ -7,3 +11,27 @@ class MBEInputError(ValueError):
     Command-line entry points print the message and exit with status 2;
     library callers can catch it as a plain ``ValueError``.
     """
+
+
+class MissingExtraError(ModuleNotFoundError):
+    """An optional dependency is not installed; the message names the extra that brings it.
+
+    A :class:`ModuleNotFoundError`, so ``try: import ... except ImportError``
+    and ``pytest.importorskip`` behave as for the missing module itself.
+    """
+
+
+def require_extra(module: str, extra: str, needed_by: str) -> None:
+    """Raise :class:`MissingExtraError` in one sentence when ``module`` is not installed.
+
+    ``extra`` is the ``mbe-helpers[...]`` extra that installs it and
+    ``needed_by`` says what needs it (a module name or a feature).
+    """
+    top = module.split(".")[0]
+    try:
+        found = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):  # a half-removed package: let the real import say why
+        found = True
+    if not found:
+        raise MissingExtraError(f"{needed_by} needs {top}, which is not installed; install it with "
+                                f"pip install 'mbe-helpers[{extra}]'.", name=top)

@@ -47,6 +47,10 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.feedback")
+
 import torch
 import torch.nn.functional as F
 from torch import nn

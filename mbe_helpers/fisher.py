@@ -76,6 +76,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.fisher")
+
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -44,7 +44,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from mbe_helpers import runtime
-from mbe_helpers.errors import MBEInputError
+from mbe_helpers.errors import MBEInputError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,12 @@ def read_ledger(path: str | Path) -> pd.DataFrame:
     if not ledger.exists():
         raise MBEInputError(f"the ledger {ledger} does not exist; check the path, or create it "
                             "with run_grid(configs, run_fn, path)")
-    return _frame(list(_latest_rows(ledger).values()))
+    return ledger_frame(_LedgerReader(ledger).read())
+
+
+def ledger_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Ledger records as :func:`read_ledger` returns them: the latest row of every ``config_hash``."""
+    return _frame(list({row.get("config_hash"): row for row in records}.values()))
 
 
 # ---------------------------------------------------------------- running
@@ -466,11 +471,12 @@ class _Runner:
     """Driver side: claims, retries, ledger appends and the progress bar."""
 
     def __init__(self, run_fn: RunFn, ledger: Path, retries: int, bar: Any,
-                 reader: _LedgerReader, done: set[str]):
+                 reader: _LedgerReader, done: set[str], tracker: Any = None):
         self.run_fn, self.ledger, self.retries, self.bar = run_fn, ledger, retries, bar
-        self.reader, self.done = reader, done
+        self.reader, self.done, self.tracker = reader, done, tracker
         self.claims = _Claims(ledger)
         self.waiting: dict[str, dict] = {}  # configs another runner holds
+        self.waiting_seen = False  # whether another runner finished some config of this grid
 
     def _refresh(self) -> None:
         """Every row appended since the start finishes its config (by this runner or another)."""
@@ -487,11 +493,13 @@ class _Runner:
                 taken.append((h, c))
             else:
                 self.waiting[h] = c
+                self.waiting_seen = True
         self._refresh()
         for h, _ in taken:
             if h in self.done:  # finished by another runner since this one started
                 self.claims.release(h)
                 self.bar.update(1)
+                self.waiting_seen = True
         mine = [(h, c) for h, c in taken if h not in self.done]
         return _Task([h for h, _ in mine], [c for _, c in mine], task.attempt) if mine else None
 
@@ -516,6 +524,7 @@ class _Runner:
         for h in task.hashes:
             self.claims.release(h)
         self.bar.update(len(rows))
+        self.tracker = _track(self.tracker, [(c, row) for c, row in zip(task.configs, rows)])
 
     def _record_failure(self, task: _Task, exc: BaseException) -> None:
         append_records(self.ledger, [{"config_hash": task.hashes[0], **task.configs[0],
@@ -586,6 +595,23 @@ class _Runner:
             self.claims.close()
 
 
+def _track(tracker: Any, items: Sequence[tuple[dict, dict]]) -> Any:
+    """Log the finished rows among ``items`` (config, ledger row) that the tracker lacks.
+
+    Returns the tracker, or ``None`` after a failure: the grid goes on, the
+    ledger keeps every run, and the next call with this tracker logs the rest.
+    """
+    if tracker is None:
+        return None
+    try:
+        tracker.log_missing((c, _native(row)) for c, row in items if row.get("status") in FINISHED)
+    except Exception as exc:  # noqa: BLE001 - tracking must never lose a run of the grid
+        log.warning("stopped logging to %r: %s; the ledger keeps every run, and the next run_grid "
+                    "with this tracker logs the missing ones", tracker, _error_text(exc))
+        return None
+    return tracker
+
+
 def _without(record: Mapping[str, Any], key: str) -> dict:
     return {k: v for k, v in record.items() if k != key}
 
@@ -602,6 +628,7 @@ def _executor(executor: Any) -> Iterator[cf.Executor | None]:
         yield executor
         return
     if isinstance(executor, str):
+        require_extra("distributed", "dask", f"executor={executor!r}")
         from distributed import Client, LocalCluster
         if executor == "dask":
             with LocalCluster(threads_per_worker=1, dashboard_address=None) as cluster, \
@@ -621,7 +648,8 @@ def _executor(executor: Any) -> Iterator[cf.Executor | None]:
 
 def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
              ledger_path: str | Path, executor: Any = None, progress: bool = True, *,
-             retries: int = 2, rerun_failed: bool = True) -> pd.DataFrame:
+             retries: int = 2, rerun_failed: bool = True, tracker: Any = None,
+             tracking_uri: str | os.PathLike | None = None) -> pd.DataFrame:
     """Run every config not yet finished in the ledger; return one row per config.
 
     Parameters
@@ -651,6 +679,18 @@ def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
         records JSON cannot hold are recorded at once.
     rerun_failed : bool
         Rerun configs whose latest ledger status is ``failed``.
+    tracker : "mlflow://EXPERIMENT", optional
+        Also log every finished run (``ok`` or ``diverged``) of the grid to
+        this MLflow experiment (created when missing), at ``tracking_uri``
+        (default: MLflow's own, or ``MLFLOW_TRACKING_URI``): params = the
+        config, metrics = the numeric fields of the record, the other fields,
+        ``status`` and ``config_hash`` as tags.  Runs finished before the call
+        and missing there are logged too; a ``config_hash`` already in the
+        experiment is never logged again.  The ledger stays the source of
+        truth: a tracking failure during the grid is a warning, not an error.
+        Needs ``pip install 'mbe-helpers[mlflow]'``.
+    tracking_uri : str, optional
+        MLflow tracking URI of ``tracker``.
 
     Notes
     -----
@@ -672,17 +712,25 @@ def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise MBEInputError(f"retries must be a non-negative integer, got {retries!r}")
     unique = {config_hash(c): c for c in _config_list(configs)}
+    if tracker is not None:
+        from mbe_helpers.tracking import open_tracker
+        tracker = open_tracker(tracker, tracking_uri, ledger=ledger)
     skip = FINISHED if rerun_failed else (*FINISHED, "failed")
     reader = _LedgerReader(ledger)
     latest = {row.get("config_hash"): row for row in reader.read()}
     done = {h for h, row in latest.items() if row.get("status") in skip}
+    tracker = _track(tracker, [(c, latest[h]) for h, c in unique.items() if h in latest])
     pending = [(h, c) for h, c in unique.items() if h not in done]
     log.info("grid: %d configs, %d already in the ledger, %d to run",
              len(unique), len(unique) - len(pending), len(pending))
     with _executor(executor) as pool, \
             runtime.progress(total=len(unique), initial=len(unique) - len(pending), desc="grid",
                              unit="run", enabled=progress) as bar:
-        _Runner(run_fn, ledger, retries, bar, reader, done).run(pool, _tasks(pending, run_fn))
+        runner = _Runner(run_fn, ledger, retries, bar, reader, done, tracker)
+        runner.run(pool, _tasks(pending, run_fn))
     latest = _latest_rows(ledger)
+    if runner.tracker is not None and runner.waiting_seen:  # rows other runners finished
+        runner.tracker.refresh()
+        _track(runner.tracker, [(c, latest[h]) for h, c in unique.items() if h in latest])
     config_keys = dict.fromkeys(k for c in unique.values() for k in c)
     return _frame([latest[h] for h in unique if h in latest], first=list(config_keys))

@@ -23,6 +23,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.models")
+
 import torch
 from torch import nn
 

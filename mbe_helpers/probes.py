@@ -224,7 +224,11 @@ def run_with_ledger(configs: pd.DataFrame, run_fn, ledger_path, *, executor: Any
 
     Returns ``(runs, n_reused)``: one row per config and how many of them
     had already finished (``ok`` or ``diverged``) in the ledger before the call.
+    When the environment variable ``MBE_TRACK`` is ``mlflow://EXPERIMENT`` (as
+    ``mbe-book run CHAPTER --track mlflow://EXPERIMENT`` sets it), the grid's
+    runs are also logged there, at ``MLFLOW_TRACKING_URI``.
     """
+    import os
     from pathlib import Path
 
     from mbe_helpers.grid import FINISHED, read_ledger, run_grid
@@ -233,7 +237,8 @@ def run_with_ledger(configs: pd.DataFrame, run_fn, ledger_path, *, executor: Any
     before = read_ledger(ledger) if ledger.exists() else pd.DataFrame(columns=["config_hash",
                                                                                 "status"])
     finished = set(before.config_hash[before.status.isin(FINISHED)])
-    runs = run_grid(configs, run_fn, ledger, executor=executor, progress=progress)
+    runs = run_grid(configs, run_fn, ledger, executor=executor, progress=progress,
+                    tracker=os.environ.get("MBE_TRACK") or None)
     return runs, int(runs.config_hash.isin(finished).sum())
 
 

@@ -37,6 +37,10 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.protocol")
+
 import numpy as np
 import pandas as pd
 import torch

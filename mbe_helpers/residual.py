@@ -29,7 +29,11 @@ import copy
 import math
 from collections.abc import Iterable, Sequence
 
-import numpy as np
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.residual")
+
+import numpy as np  # noqa: E402
 import pandas as pd
 import torch
 from scipy import stats

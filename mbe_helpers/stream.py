@@ -18,6 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.stream")
+
 import torch
 import torch.nn.functional as F
 

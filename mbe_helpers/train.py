@@ -53,6 +53,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from mbe_helpers.errors import require_extra
+
+require_extra("torch", "torch", "mbe_helpers.train")
+
 import torch
 import torch.nn.functional as F
 from torch import nn
