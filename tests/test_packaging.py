@@ -94,12 +94,13 @@ def test_without_the_extras_the_core_works_and_torch_modules_name_their_extra(tm
     blocked = sorted({m for mods in EXTRA_MODULES.values() for m in mods})
     script = BLOCK.format(blocked=blocked) + textwrap.dedent(f"""
         import mbe_helpers, mbe_helpers.audit, mbe_helpers.grid, mbe_helpers.simulate
-        import mbe_helpers.spectral, mbe_helpers.crossfit, mbe_helpers.metrics, mbe_helpers.plots
+        import mbe_helpers.spectral, mbe_helpers.crossfit, mbe_helpers.probes, mbe_helpers.plots
+        import mbe_helpers.runtime, mbe_helpers.sources, mbe_helpers.comparators
         from mbe_helpers.cli import main
         assert main(["audit", {str(runs)!r}, "--metrics", "loss_proxy", "--target", "final_acc",
                      "--controls", "early_loss", "--placebos", "0"]) == 0
         for name in ("train", "data", "models", "fisher", "credit", "feedback", "protocol",
-                     "stream", "experiments"):
+                     "stream", "residual"):
             try:
                 __import__("mbe_helpers." + name)
             except ModuleNotFoundError as exc:

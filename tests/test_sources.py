@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mbe_helpers import book, metrics
+from mbe_helpers import book, probes
 from mbe_helpers.audit import audit, read_runs
 from mbe_helpers.cli import main
 from mbe_helpers.errors import MBEInputError
@@ -302,7 +302,7 @@ def test_mbe_book_run_track_logs_the_chapter_grid(store: dict, tmp_path: Path, m
 
     def chapter(chapter, profile, overrides, root, progress):  # what a grid chapter's kernel does
         seen["env"] = os.environ["MBE_TRACK"], os.environ["MLFLOW_TRACKING_URI"]
-        metrics.run_with_ledger(pd.DataFrame(configs(6)), fake_run, tmp_path / "ledger.jsonl")
+        probes.run_with_ledger(pd.DataFrame(configs(6)), fake_run, tmp_path / "ledger.jsonl")
         return tmp_path / "executed.ipynb"
 
     monkeypatch.setattr(book, "execute_chapter", chapter)
