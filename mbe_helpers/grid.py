@@ -623,9 +623,17 @@ def _now() -> str:
 @contextlib.contextmanager
 def _executor(executor: Any) -> Iterator[cf.Executor | None]:
     """Resolve ``executor``: None, a ``concurrent.futures.Executor``, a Dask client,
-    ``"dask"`` (a fresh ``LocalCluster``) or a scheduler address."""
+    ``"processes"`` (one spawned process per core, one torch thread each), ``"dask"``
+    (a fresh ``LocalCluster``) or a scheduler address."""
     if executor is None or isinstance(executor, cf.Executor):
         yield executor
+        return
+    if executor == "processes":
+        import multiprocessing
+
+        with cf.ProcessPoolExecutor(max_workers=os.cpu_count() or 1, initializer=_one_thread,
+                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
         return
     if isinstance(executor, str):
         require_extra("distributed", "dask", f"executor={executor!r}")
@@ -643,7 +651,18 @@ def _executor(executor: Any) -> Iterator[cf.Executor | None]:
         yield executor.get_executor(pure=False)
         return
     raise MBEInputError(f"executor must be None, a concurrent.futures.Executor, a Dask Client, "
-                        f"'dask' or a scheduler address like 'tcp://host:8786', got {executor!r}")
+                        f"'processes', 'dask' or a scheduler address like 'tcp://host:8786', "
+                        f"got {executor!r}")
+
+
+def _one_thread() -> None:
+    """Worker initializer: one torch (and BLAS) thread per process, so workers do not oversubscribe."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
 
 
 def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,

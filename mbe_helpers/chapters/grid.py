@@ -23,7 +23,7 @@ from scipy import stats
 
 from mbe_helpers.audit import AuditResult, audit, check_alpha
 from mbe_helpers.errors import MBEInputError
-from mbe_helpers.probes import columns_at
+from mbe_helpers.probes import BatteryRun, columns_at
 
 DESIGN = ("lr", "weight_decay", "width", "depth", "optimizer", "label_noise", "n_train")
 """The design variables of the heterogeneous grid (Chapter 2) that serve as controls.  The
@@ -110,17 +110,19 @@ def baseline_audits(frame: pd.DataFrame, metrics: Sequence[str], target: str, *,
     """
     sets = {"baseline": list(baseline), "design": list(design),
             "both": [*baseline, *design]}
-    kwargs.setdefault("adjust", "rank")   # the chapters move to the calibrated audit in issue 14
     return {name: audit(frame, list(metrics), target, controls, **kwargs)
             for name, controls in sets.items()}
 
 
 def audit_summary(audits: Mapping[str, AuditResult], *, strip: str = "") -> pd.DataFrame:
-    """One row per metric: raw rho and the partial rho (with interval) of every audit.
+    """One row per metric: raw rho and the adjusted rho (with interval) of every audit.
 
-    Columns ``metric, raw_r, raw_lo, raw_hi``, then per audit name ``X``:
-    ``partial_X``, ``lo_X``, ``hi_X``, ``perm_p_X``, ``q_X``, ``class_X``.
-    ``strip`` is removed from the metric names (e.g. ``"@20"``).
+    Columns ``metric, raw_r, raw_lo, raw_hi``, then per audit name ``X``: the
+    rank-linear ``partial_X``, ``lo_X``, ``hi_X``, ``perm_p_X``; the
+    cross-fitted ``adj_X``, ``adj_lo_X``, ``adj_hi_X`` (where it ran);
+    ``adjust_X`` (which decided the class), ``adjusted_X``, ``adjusted_lo_X``,
+    ``adjusted_hi_X`` and ``q_X`` (the correlation, interval and FDR q-value of
+    that adjustment) and ``class_X``. ``strip`` is removed from the metric names (e.g. ``"@20"``).
     """
     first = next(iter(audits.values())).table.set_index("metric")
     out = pd.DataFrame({"raw_r": first.raw_r, "raw_lo": first.get("raw_lo"),
@@ -129,9 +131,16 @@ def audit_summary(audits: Mapping[str, AuditResult], *, strip: str = "") -> pd.D
         t = result.table.set_index("metric")
         out[f"partial_{name}"] = t.partial_r
         for src, dst in (("partial_lo", "lo"), ("partial_hi", "hi"), ("perm_p", "perm_p"),
-                         ("q", "q")):
+                         ("adj_r", "adj"), ("adj_lo", "adj_lo"), ("adj_hi", "adj_hi"),
+                         ("adjust", "adjust"), ("q", "q")):
             if src in t:
                 out[f"{dst}_{name}"] = t[src]
+        crossfit = t.adjust == "crossfit" if "adjust" in t else pd.Series(False, index=t.index)
+        if "adj_q" in t:
+            out[f"q_{name}"] = t.adj_q.where(crossfit, t.get("q"))
+        for src, dst in (("r", ""), ("lo", "_lo"), ("hi", "_hi")):   # the deciding adjustment's
+            rank = t[f"partial_{src}"] if f"partial_{src}" in t else np.nan
+            out[f"adjusted{dst}_{name}"] = t[f"adj_{src}"].where(crossfit, rank) if f"adj_{src}" in t else rank
         out[f"class_{name}"] = t.classification
     out.index = [m.replace(strip, "") if strip else m for m in out.index]
     return out.rename_axis("metric").reset_index()
@@ -155,7 +164,6 @@ def temporal_audit(frame: pd.DataFrame, metrics: Sequence[str], target: str,
         Tidy: ``epoch``, ``metric`` (without the epoch suffix) and the audit columns.
     """
     parts = []
-    kwargs.setdefault("adjust", "rank")
     for epoch in epochs:
         columns = [m for m in columns_at(metrics, epoch) if m in frame] + list(fixed_metrics)
         result = audit(frame, columns, target, [f"{baseline}@{epoch}", *controls], **kwargs)
@@ -194,8 +202,8 @@ def varying_columns(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     return [c for c in columns if c in frame and frame[c].nunique(dropna=True) > 1]
 
 
-def control_checks(summary: pd.DataFrame, *, positive: str, negative: str, audit_name: str = "both",
-                   alpha: float = 0.05) -> pd.DataFrame:
+def control_checks(summary: pd.DataFrame, *, positive: str, negative: str | None = None,
+                   audit_name: str = "both", alpha: float = 0.05) -> pd.DataFrame:
     """Did the controls land where they must in the audit ``audit_name``?
 
     * the positive control must be classified ``survives`` with a
@@ -210,14 +218,16 @@ def control_checks(summary: pd.DataFrame, *, positive: str, negative: str, audit
     table = summary.set_index("metric")
     rows = []
     for kind, metric in (("positive", positive), ("negative", negative)):
+        if metric is None:
+            continue
         if metric not in table.index:
             raise MBEInputError(f"control {metric!r} is not in the summary; metrics: "
                                 f"{', '.join(table.index)}")
         r = table.loc[metric]
-        p = r.get(f"perm_p_{audit_name}", np.nan)
+        p = r.get(f"q_{audit_name}" if kind == "positive" else f"perm_p_{audit_name}", np.nan)
         cls = r[f"class_{audit_name}"]
         if kind == "positive":
-            landed, expected = cls == "survives" and p < alpha, f"survives, permutation p < {alpha}"
+            landed, expected = cls == "survives" and p < alpha, f"survives, q < {alpha}"
         else:
             landed = cls != "survives" and not p < alpha
             expected = f"not survives, permutation p >= {alpha}"
@@ -247,12 +257,18 @@ def fim_story(raw_r: float, baseline_class: str, effect: float) -> str:
     True
     >>> fim_story(0.05, "weak-or-mixed", 0.2).startswith("FIM_norm has no raw association")
     True
+    >>> fim_story(-0.4, "inconclusive", 0.2).startswith("given early validation loss the audit cannot")
+    True
     >>> fim_story(0.5, "survives", 0.2)
     'FIM_norm is classified survives given early validation loss, which contradicts the washout of the original study'
     """
     if baseline_class == "washout":
         return ("FIM_norm washes out given early validation loss, as in the original study: "
                 "in this grid it is a disguised loss proxy")
+    if baseline_class == "inconclusive":
+        return ("given early validation loss the audit cannot tell, at this number of runs, "
+                "whether FIM_norm adds anything: its adjusted interval is too wide for either a "
+                "washout or an increment")
     if abs(raw_r) < effect and baseline_class == "weak-or-mixed":
         return ("FIM_norm has no raw association with final test accuracy in this grid, so there "
                 "is nothing for the baseline to explain away. This differs from the original "
@@ -261,3 +277,300 @@ def fim_story(raw_r: float, baseline_class: str, effect: float) -> str:
                 "and the correlation of the acid test does not carry over")
     return (f"FIM_norm is classified {baseline_class} given early validation loss, which "
             "contradicts the washout of the original study")
+
+
+# ------------------------------------------------------------------ the replication
+#: The original study's fixed architecture and optimiser (MLP 64-64-64-10, tanh, full-batch Adam).
+REPLICATION = {"dataset": "digits", "model": "mlp", "width": 64, "depth": 3, "activation": "tanh",
+               "optimizer": "adam", "batch_size": None}
+#: What the original study reports over 1,000 runs: FIM_norm's raw and partial rho given (lr, wd).
+ORIGINAL = {"raw_r": -0.80, "partial_r": 0.06, "runs": 1000}
+
+replication_run = BatteryRun(probe_split="train")
+"""Run function of the replication: the battery probes the *training* split, as the original did."""
+
+
+def replication_space(*, lr: Sequence[float], weight_decay: Sequence[float], epochs: int,
+                      epoch: int, fim_samples: int, seed: int = 0, **fixed: Any) -> dict[str, Any]:
+    """The replication's design: :data:`REPLICATION`, learning rate and weight decay log-uniform.
+
+    Every run draws a fresh seed; the battery is read at the original's probe
+    epochs 5, 10, 20, 50 (and ``epoch``, the audited one) up to ``epochs``,
+    FIM_norm on ``fim_samples`` training samples.
+
+    Examples
+    --------
+    >>> space = replication_space(lr=[1e-4, 1e-2], weight_decay=[1e-5, 1e-3], epochs=200,
+    ...                           epoch=20, fim_samples=100)
+    >>> space["width"], space["depth"], space["batch_size"], space["probe_epochs"]
+    (64, 3, None, [5, 10, 20, 50])
+    """
+    probe_epochs = sorted({e for e in (5, 10, 20, 50, epoch) if e <= epochs})
+    from mbe_helpers.grid import LogUniform, Uniform
+
+    for name, pair in (("lr", lr), ("weight_decay", weight_decay)):
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+            raise MBEInputError(f"{name} must be a range [low, high] with 0 < low <= high, got {pair!r}")
+    return {"lr": LogUniform(*lr), "weight_decay": LogUniform(*weight_decay),
+            "seed": Uniform(0, 9999, integer=True), **REPLICATION, **fixed, "epochs": epochs,
+            "probe_epochs": probe_epochs, "fim_samples": fim_samples, "probe_seed": seed}
+
+
+def replication_audits(frame: pd.DataFrame, metric: str, target: str, *, baseline: str,
+                       design: Sequence[str] = ("lr", "weight_decay"),
+                       **kwargs: Any) -> dict[str, AuditResult]:
+    """The metric audited given the design (lr, wd: the original's question) and given the baseline.
+
+    ``kwargs`` go to :func:`mbe_helpers.audit.audit` (``adjust``, ``placebos``,
+    ``bootstrap``, ...); each table holds the rank-partial and, where it ran,
+    the cross-fitted correlation.
+    """
+    return {"design": audit(frame, [metric], target, list(design), **kwargs),
+            "baseline": audit(frame, [metric], target, [baseline], **kwargs)}
+
+
+def _placebo_rate(result: AuditResult, kind: str) -> float:
+    table = result.calibration
+    rows = table[table.kind == kind] if table is not None and len(table) else pd.DataFrame()
+    return float(rows.rate.iloc[0]) if len(rows) else float("nan")
+
+
+def replication_table(audits: Mapping[str, AuditResult]) -> pd.DataFrame:
+    """One row per control set: raw, rank-partial and cross-fitted rho with intervals, class, placebos.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> lr = rng.uniform(0, 1, 80)
+    >>> frame = pd.DataFrame({"lr": lr, "weight_decay": rng.uniform(0, 1, 80),
+    ...                       "m": lr + rng.normal(0, .3, 80), "y": lr + rng.normal(0, .3, 80),
+    ...                       "val": lr + rng.normal(0, .3, 80)})
+    >>> table = replication_table(replication_audits(frame, "m", "y", baseline="val", placebos=20))
+    >>> table.given.tolist(), table.columns[:4].tolist()
+    (['lr, weight_decay', 'val'], ['given', 'n', 'raw', 'rank partial'])
+    """
+    rows = []
+    for result in audits.values():
+        r = result.table.iloc[0]
+        rows.append({"given": r.controls.replace(",", ", "), "n": int(r.n),
+                     "raw": _with_interval(r.raw_r, r.get("raw_lo"), r.get("raw_hi")),
+                     "rank partial": _with_interval(r.partial_r, r.get("partial_lo"), r.get("partial_hi")),
+                     "cross-fitted": _with_interval(r.get("adj_r"), r.get("adj_lo"), r.get("adj_hi")),
+                     "class": r.classification, "adjustment": r.adjust,
+                     "noise placebos": _placebo_rate(result, "noise"),
+                     "proxy placebos": _placebo_rate(result, "proxy")})
+    return pd.DataFrame(rows)
+
+
+def _with_interval(value, lo, hi) -> str:
+    """``"+0.12 [-0.03, +0.27]"`` (the interval left out where there is none)."""
+    if value is None or not np.isfinite(value):
+        return "–"
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{value:+.2f}"
+    return f"{value:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def adjusted_r(row: pd.Series) -> float:
+    """The partial correlation under the adjustment that decided the class (cross-fitted or rank)."""
+    return float(row.adj_r) if row.adjust == "crossfit" and np.isfinite(row.adj_r) else float(row.partial_r)
+
+
+def replication_values(audits: Mapping[str, AuditResult]) -> dict[str, Any]:
+    """Every number and sentence the replication section glues.
+
+    Keys: ``replication_raw_r``, ``replication_partial_r`` (given lr and wd,
+    under the chapter's adjustment), ``replication_class``, the same given the
+    baseline (``replication_baseline_*``), ``replication_n``, the placebo rates
+    and ``replication_story`` (the comparison with the original's -0.80 -> +0.06).
+    """
+    design = audits["design"].table.iloc[0]
+    base = audits["baseline"].table.iloc[0]
+    values = {"replication_n": int(design.n), "replication_raw_r": float(design.raw_r),
+              "replication_raw_lo": float(design.get("raw_lo", np.nan)),
+              "replication_raw_hi": float(design.get("raw_hi", np.nan)),
+              "replication_rank_r": float(design.partial_r),
+              "replication_partial_r": adjusted_r(design),
+              "replication_partial_lo": float(design.adj_lo if design.adjust == "crossfit" else
+                                              design.get("partial_lo", np.nan)),
+              "replication_partial_hi": float(design.adj_hi if design.adjust == "crossfit" else
+                                              design.get("partial_hi", np.nan)),
+              "replication_adjust": "cross-fitted" if design.adjust == "crossfit" else "rank-linear",
+              "replication_class": design.classification,
+              "replication_baseline_r": adjusted_r(base),
+              "replication_baseline_class": base.classification,
+              "replication_noise_rate": _placebo_rate(audits["design"], "noise"),
+              "replication_proxy_rate": _placebo_rate(audits["design"], "proxy"),
+              "replication_trustworthy": bool(audits["design"].trustworthy
+                                              and audits["baseline"].trustworthy)}
+    values["replication_story"] = replication_story(values)
+    values["replication_why"] = evidence_sentence(design)
+    return values
+
+
+def evidence_sentence(row: pd.Series) -> str:
+    """The audit's own reason for an ``inconclusive`` class (what more data would settle it).
+
+    Examples
+    --------
+    >>> evidence_sentence(pd.Series({"classification": "inconclusive",
+    ...     "note": "x; washout not shown: the interval is wide; about 417 rows would show it"}))
+    "The audit's reason: washout not shown: the interval is wide; about 417 rows would show it."
+    >>> evidence_sentence(pd.Series({"classification": "washout", "note": ""}))
+    'The audit found the evidence that class needs.'
+    """
+    if row.classification != "inconclusive":
+        return "The audit found the evidence that class needs."
+    parts = [p.strip() for p in str(row.note).split(";")]
+    start = next((i for i, p in enumerate(parts) if " not shown:" in p), None)
+    if start is None:
+        return "The audit lacks the evidence for any claiming class at this number of runs."
+    return "The audit's reason: " + "; ".join(parts[start:]).rstrip(".") + "."
+
+
+def replication_story(values: Mapping[str, Any]) -> str:
+    """How the replication compares with the original study's washout, in one sentence.
+
+    Examples
+    --------
+    >>> replication_story({"replication_raw_r": -0.7, "replication_class": "washout",
+    ...                    "replication_trustworthy": True})[:43]
+    'as in the original study, FIM_norm washes o'
+    >>> replication_story({"replication_raw_r": -0.7, "replication_class": "inconclusive",
+    ...                    "replication_trustworthy": True})[:45]
+    'the learning rate and the weight decay explai'
+    >>> replication_story({"replication_raw_r": -0.7, "replication_class": "survives",
+    ...                    "replication_trustworthy": False})[:38]
+    "the audit's own placebos rejected too "
+    """
+    if not values["replication_trustworthy"]:
+        return ("the audit's own placebos rejected too often on these runs, so its verdict on "
+                "FIM_norm cannot be taken at face value here")
+    cls, raw = values["replication_class"], values["replication_raw_r"]
+    if cls == "washout":
+        return ("as in the original study, FIM_norm washes out: its strong raw association "
+                "with test accuracy is explained by the learning rate and the weight decay")
+    if cls == "inconclusive" and abs(raw) >= 0.3:
+        return ("the learning rate and the weight decay explain away most of FIM_norm's raw "
+                "association, as in the original study, but what is left is too uncertain at "
+                "this number of runs to call a washout or an increment")
+    if cls == "inconclusive":
+        return ("the association left after the learning rate and the weight decay is too "
+                "uncertain at this number of runs to call a washout or an increment")
+    if raw < 0 and cls in ("weak-or-mixed",):
+        return ("FIM_norm's raw association is largely, but not cleanly, explained by the "
+                "learning rate and the weight decay")
+    return (f"unlike the original study, FIM_norm is classified {cls} given the learning rate "
+            "and the weight decay")
+
+
+# ------------------------------------------------------- the calibrated grid audit
+def calibration_values(audits: Mapping[str, AuditResult], name: str = "both") -> dict[str, Any]:
+    """``placebo_rate``, ``proxy_placebo_rate`` of audit ``name`` and whether it can be trusted.
+
+    Examples
+    --------
+    >>> calibration_values({})["placebo_rate"] != calibration_values({})["placebo_rate"]  # NaN
+    True
+    """
+    if name not in audits:
+        return {"placebo_rate": float("nan"), "proxy_placebo_rate": float("nan"), "trustworthy": False}
+    result = audits[name]
+    return {"placebo_rate": _placebo_rate(result, "noise"),
+            "proxy_placebo_rate": _placebo_rate(result, "proxy"),
+            "trustworthy": bool(result.trustworthy)}
+
+
+def calibration_table(audits: Mapping[str, AuditResult]) -> pd.DataFrame:
+    """The placebo self-calibration of every audit, one row per (audit, kind)."""
+    parts = [r.calibration.assign(audit=name) for name, r in audits.items()
+             if r.calibration is not None and len(r.calibration)]
+    if not parts:
+        return pd.DataFrame(columns=["audit", "kind", "K", "rejections", "rate", "lo", "hi"])
+    table = pd.concat(parts, ignore_index=True)
+    return table[["audit", "kind", "adjust", "K", "rejections", "rate", "lo", "hi", "note"]]
+
+
+def disagreements(audits: Mapping[str, AuditResult], name: str = "both") -> pd.DataFrame:
+    """Metrics whose class under the rank-linear adjustment differs from the calibrated class.
+
+    Returns ``metric, rank class, calibrated class, why`` (the audit's own note).
+
+    Examples
+    --------
+    >>> disagreements({}).columns.tolist()
+    ['metric', 'rank class', 'calibrated class', 'why']
+    """
+    columns = ["metric", "rank class", "calibrated class", "why"]
+    if name not in audits:
+        return pd.DataFrame(columns=columns)
+    from mbe_helpers.audit import classify
+
+    result = audits[name]
+    rows = []
+    for r in result.table.itertuples():
+        rank = classify(r.raw_r, r.partial_r, result.settings["effect"], result.settings["washout"])
+        if rank != r.classification:
+            parts = [part.strip() for part in str(r.note).split(";")]
+            at = next((i for i, part in enumerate(parts) if "rank-linear control says" in part), None)
+            why = ("; ".join(parts[at:at + 2]) if at is not None else
+                   "the class needs evidence the audit does not have at this number of runs")
+            rows.append({"metric": r.metric, "rank class": rank,
+                         "calibrated class": r.classification, "why": why})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def beyond_sentence(summary: pd.DataFrame, trustworthy: bool, alpha: float,
+                    exclude: Sequence[str] = ()) -> str:
+    """Which metrics carry information beyond both baseline and design, or why the chapter cannot say.
+
+    A metric counts when its calibrated class given both is ``survives`` or
+    ``hidden-after-control`` with FDR q below ``alpha``; nothing is claimed
+    when the audit's placebo calibration failed.
+
+    Examples
+    --------
+    >>> s = pd.DataFrame({"metric": ["a", "b"], "class_both": ["survives", "washout"],
+    ...                   "q_both": [0.01, 0.2]})
+    >>> beyond_sentence(s, True, 0.05)
+    'a carries information beyond both the baseline and the design'
+    >>> beyond_sentence(s, False, 0.05)[:46]
+    'no metric is claimed to carry information: the'
+    """
+    if not trustworthy:
+        return ("no metric is claimed to carry information: the audit's placebos rejected more "
+                "often than alpha on this grid, so its adjustment cannot be trusted here")
+    chosen = summary[summary.class_both.isin(["survives", "hidden-after-control"])
+                     & (summary.q_both < alpha) & ~summary.metric.isin(list(exclude))].metric.tolist()
+    if not chosen:
+        return "no metric carries information beyond both the baseline and the design"
+    verb = "carries" if len(chosen) == 1 else "carry"
+    return f"{', '.join(chosen)} {verb} information beyond both the baseline and the design"
+
+
+def trust_sentence(checks: pd.DataFrame, calibration: Mapping[str, Any], alpha: float) -> str:
+    """Can this run's audit be trusted? Its placebos must hold alpha and the positive control survive.
+
+    Examples
+    --------
+    >>> checks = pd.DataFrame({"control": ["positive"], "metric": ["pos"], "class": ["survives"],
+    ...                        "landed": [True]})
+    >>> trust_sentence(checks, {"placebo_rate": 0.04, "proxy_placebo_rate": 0.05,
+    ...                         "trustworthy": True}, 0.05)[:52]
+    'the placebos rejected at 4.0 % (noise) and 5.0 % (pr'
+    """
+    rates = (f"the placebos rejected at {calibration['placebo_rate']:.1%} (noise) and "
+             f"{calibration['proxy_placebo_rate']:.1%} (proxy) for alpha = {alpha:g}")
+    rates = rates.replace("%", " %")
+    missed = checks[~checks.landed]
+    if not calibration["trustworthy"]:
+        return (f"{rates}: the Wilson interval of a rejection rate lies above alpha, so the "
+                "adjustment is not trustworthy on this grid and no class below is claimed")
+    if len(missed):
+        r = missed.iloc[0]
+        return (f"{rates}, within their Wilson intervals, but the {r.control} control "
+                f"({r.metric}) came out {r['class']}, so this audit lacks the power to trust a "
+                "null result")
+    return (f"{rates}, within their Wilson intervals, and the positive control survives: the "
+            "audit of this run can be trusted")

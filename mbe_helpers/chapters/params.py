@@ -184,10 +184,21 @@ class GridParams(_Training):
     alpha: Level
     seed: Seed
     executor: Optional[str]
+    replication_runs: Annotated[int, Field(ge=10)]
+    replication_epochs: Annotated[int, Field(ge=2)]
+    replication_lr_range: Pair
+    replication_wd_range: Pair
+    replication_fim_samples: Annotated[int, Field(ge=2)]
+    replication_epoch: Count
+    placebos: Annotated[int, Field(ge=20, le=MAX_PLACEBOS)]
 
     @model_validator(mode="after")
     def _consistent(self):
-        for name in ("lr_range", "wd_range", "noise_range", "n_train_range"):
+        if self.replication_epoch > self.replication_epochs:
+            raise ValueError(f"replication_epoch must not pass replication_epochs "
+                             f"({self.replication_epochs}), got {self.replication_epoch}")
+        for name in ("lr_range", "wd_range", "noise_range", "n_train_range", "replication_lr_range",
+                     "replication_wd_range"):
             _ordered(name, getattr(self, name))
         _distinct("probe_epochs", self.probe_epochs)
         if max(self.probe_epochs) > self.epochs:

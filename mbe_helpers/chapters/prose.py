@@ -36,6 +36,21 @@ def glue(name: str, value: Any, display: bool = True) -> None:
     myst_glue(name, value, display=display)
 
 
+def glue_all(values: dict[str, Any]) -> None:
+    """Glue every ``key: value`` of a chapter module's ``*_values`` dict (keys listed in its docstring).
+
+    Examples
+    --------
+    >>> from unittest import mock
+    >>> with mock.patch("myst_nb.glue"):
+    ...     glue_all({"replication_n": 200})
+    >>> _GLUED["replication_n"]
+    200
+    """
+    for name, value in values.items():
+        glue(name, value, display=False)
+
+
 def _text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

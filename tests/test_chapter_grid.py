@@ -1,0 +1,61 @@
+"""Chapter 02's verdict logic on constructed ledgers (no notebook executed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mbe_helpers.chapters import grid
+
+
+def ledger(n: int = 300, seed: int = 0, shape: str = "u") -> pd.DataFrame:
+    """lr and wd log-uniform; metric and target both follow the learning rate (no increment)."""
+    rng = np.random.default_rng(seed)
+    lr, wd = 10 ** rng.uniform(-4, -2, n), 10 ** rng.uniform(-5, -3, n)
+    x = np.log10(lr) + 3
+    follow = x**2 if shape == "u" else x
+    return pd.DataFrame({"lr": lr, "weight_decay": wd,
+                         "fim": follow + rng.normal(0, 0.1, n), "acc": -follow + rng.normal(0, 0.1, n),
+                         "val": follow + rng.normal(0, 0.1, n)})
+
+
+def test_replication_of_a_pure_proxy_washes_out() -> None:
+    audits = grid.replication_audits(ledger(900, shape="linear"), "fim", "acc", baseline="val",
+                                     placebos=50, bootstrap=200)
+    values = grid.replication_values(audits)
+    assert values["replication_raw_r"] < -0.8 and abs(values["replication_partial_r"]) < 0.1
+    assert values["replication_class"] == "washout" and values["replication_adjust"] == "cross-fitted"
+    assert values["replication_story"].startswith("as in the original study")
+    table = grid.replication_table(audits)
+    assert list(table.given) == ["lr, weight_decay", "val"] and table["class"].iloc[0] == "washout"
+
+
+def test_u_shaped_proxy_changes_class_and_says_why() -> None:
+    frame = ledger(300, shape="u")
+    audits = grid.baseline_audits(frame, ["fim"], "acc", baseline=["val"], design=["lr", "weight_decay"],
+                                  placebos=20, seed=0)
+    changed = grid.disagreements(audits, "design")
+    assert len(changed) == 1 and changed["rank class"].iloc[0] != changed["calibrated class"].iloc[0]
+    assert "rank-linear control says" in changed.why.iloc[0]
+    summary = grid.audit_summary(audits)
+    assert {"adjusted_design", "adjusted_lo_design", "adjust_design", "q_design"} <= set(summary)
+
+
+def test_no_claim_when_the_placebos_fail() -> None:
+    summary = pd.DataFrame({"metric": ["a"], "class_both": ["survives"], "q_both": [0.001]})
+    assert grid.beyond_sentence(summary, False, 0.05).startswith("no metric is claimed")
+    checks = pd.DataFrame({"control": ["positive"], "metric": ["p"], "class": ["survives"], "landed": [True]})
+    failed = {"placebo_rate": 0.2, "proxy_placebo_rate": 0.1, "trustworthy": False}
+    assert "not trustworthy on this grid" in grid.trust_sentence(checks, failed, 0.05)
+    weak = checks.assign(landed=False, **{"class": "weak-or-mixed"})
+    ok = {"placebo_rate": 0.05, "proxy_placebo_rate": 0.04, "trustworthy": True}
+    assert "lacks the power" in grid.trust_sentence(weak, ok, 0.05)
+    assert grid.trust_sentence(checks, ok, 0.05).endswith("can be trusted")
+
+
+def test_replication_story_branches() -> None:
+    base = {"replication_raw_r": -0.7, "replication_trustworthy": True}
+    assert "explain away most" in grid.replication_story({**base, "replication_class": "inconclusive"})
+    weak = {**base, "replication_raw_r": -0.1, "replication_class": "inconclusive"}
+    assert grid.replication_story(weak).startswith("the association left")
+    assert "unlike the original" in grid.replication_story({**base, "replication_class": "survives"})
