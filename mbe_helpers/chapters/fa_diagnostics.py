@@ -254,3 +254,133 @@ def dfa_pattern(per_method: pd.DataFrame, max_growth: float, grad_floor: float) 
     crossed = dfa.max_growth > max_growth or dfa.min_grad_norm < grad_floor
     return "Vanilla DFA shows the pattern the diagnostics were built for, " + (
         "strongly enough to cross a threshold" if crossed else "but without crossing either threshold")
+
+
+def gradient_budget(runs: DiagnosticRuns, batch: tuple[torch.Tensor, torch.Tensor]) -> pd.DataFrame:
+    r"""Why (b) reads a small BP gradient: a loss near zero, or credit lost on the way down?
+
+    On the held-out ``batch`` that (b) reads, per (method, seed):
+
+    * ``loss`` -- held-out cross-entropy;
+    * ``output_grad`` -- median over samples of :math:`\lVert \partial L/\partial z_i\rVert`
+      (the gradient at the logits, :math:`(\mathrm{softmax}(z_i) - \mathrm{onehot}(y_i))/B`):
+      small when the network is confident and right, i.e. when training has converged;
+    * ``min_grad_norm`` -- (b)'s smallest median :math:`\lVert \partial L/\partial h_l\rVert`;
+    * ``transmission`` -- ``min_grad_norm / output_grad``: how much of the output's
+      gradient reaches the weakest stream state. A converged network keeps
+      it; a broken credit path (a stream that grew, so the terminal LayerNorm
+      divides the gradient down) loses it.
+
+    Returns one row per (method, seed) with those columns.
+    """
+    x, y = batch
+    rows = []
+    for (method, seed), diagnosis in runs.diagnoses.items():
+        model = runs.models[(method, seed)][0]
+        with torch.no_grad():
+            logits = model(x)
+            loss = float(torch.nn.functional.cross_entropy(logits, y))
+            error = (torch.softmax(logits, dim=-1) - torch.nn.functional.one_hot(y, logits.shape[-1]))
+            output_grad = float((error / len(y)).reshape(len(y), -1).norm(dim=-1).median())
+        smallest = float(min(diagnosis.bp_grad_norms))
+        rows.append({"method": method, "seed": seed, "loss": loss, "output_grad": output_grad,
+                     "min_grad_norm": smallest,
+                     "transmission": smallest / output_grad if output_grad > 0 else np.nan})
+    return pd.DataFrame(rows)
+
+
+def floor_reading(budget: pd.DataFrame, method: str, reference: str = INIT,
+                  lost: float = 0.1) -> str:
+    """Say whether ``method``'s small BP gradients come from a small loss or from lost credit.
+
+    Credit counts as lost when the method's median ``transmission`` is below
+    ``lost`` times that of ``reference`` (the untrained network of the same shape).
+
+    Examples
+    --------
+    >>> b = pd.DataFrame({"method": ["bp", "init"], "seed": [0, 0], "loss": [0.05, 2.3],
+    ...                   "output_grad": [1e-4, 1e-2], "min_grad_norm": [2e-5, 2e-3],
+    ...                   "transmission": [0.2, 0.2]})
+    >>> floor_reading(b, "bp").endswith("the credit path itself is intact")
+    True
+    """
+    by = budget.groupby("method")[["loss", "output_grad", "transmission"]].median()
+    if method not in by.index or reference not in by.index:
+        return f"{method} or the untrained reference was not run"
+    share = by.loc[method, "transmission"] / by.loc[reference, "transmission"]
+    kept = (f"{method} keeps {share:.0%} of the untrained network's transmission (held-out loss "
+            f"{by.loc[method, 'loss']:.3f}, output gradient {by.loc[method, 'output_grad']:.1e})")
+    kept = kept.replace("%", " %")
+    if share < lost:
+        return f"{kept}: credit is lost on the way down the stream, not only the loss that is small"
+    return (f"{kept}: its gradients are small because the loss is small, the credit path itself "
+            "is intact")
+
+
+def depth_gap(accuracy: pd.DataFrame) -> float:
+    """Backprop's accuracy minus the frozen-blocks baseline's, in points, mean over seeds.
+
+    ``accuracy`` is :meth:`DiagnosticRuns.accuracy`.
+
+    Examples
+    --------
+    >>> acc = pd.DataFrame({"method": ["bp", "bp"], "test_acc": [0.80, 0.84], "frozen_acc": [0.70, 0.72]})
+    >>> round(depth_gap(acc), 1)
+    11.0
+    """
+    bp = accuracy[accuracy.method == "bp"]
+    return float(100 * (bp.test_acc - bp.frozen_acc).mean()) if len(bp) else float("nan")
+
+
+def shallow_sentence(no_blocks_acc: float, best_rule_acc: float, margin: float) -> str:
+    """Does the task need deep blocks? Compares the no-blocks network with the best trained rule.
+
+    Examples
+    --------
+    >>> shallow_sentence(0.97, 0.975, 0.02)[:40]
+    'so the task is nearly solved without any'
+    >>> shallow_sentence(0.60, 0.80, 0.02)
+    'so deep blocks do add accuracy on this data set, and (d) can separate the rules'
+    """
+    if no_blocks_acc >= best_rule_acc - margin:
+        return ("so the task is nearly solved without any deep block: on this data set accuracy "
+                "cannot show that a learning rule trained the deep blocks, whichever rule it is")
+    return "so deep blocks do add accuracy on this data set, and (d) can separate the rules"
+
+
+def d_sentence(verdicts: pd.DataFrame, methods: Sequence[str]) -> str:
+    """Whether the frozen-blocks baseline (d) catches every trained method in at least one seed.
+
+    Examples
+    --------
+    >>> v = pd.DataFrame({"method": ["bp", "fa"], "diagnostic": ["d_frozen_baseline"] * 2,
+    ...                   "state": ["fires", "ok"]})
+    >>> d_sentence(v, ["bp", "fa", "frozen"])[:44]
+    'not every trained method is caught by the fr'
+    """
+    trained = [m for m in methods if m != "frozen"]
+    fired = verdicts[(verdicts.state == protocol.FIRES) & (verdicts.diagnostic == "d_frozen_baseline")]
+    if trained and set(trained) <= set(fired.method):
+        return "every trained method fails to beat the frozen-blocks baseline in at least one seed"
+    return ("not every trained method is caught by the frozen-blocks baseline: some beat it by "
+            "the required margin in every seed")
+
+
+def reference_sentence(survival: pd.DataFrame, methods: Sequence[str]) -> str:
+    """Are the BP-gradient references of the trained methods sound ((b) and (c) quiet)?
+
+    Examples
+    --------
+    >>> s = pd.DataFrame({"method": ["bp", "dfa"], "alignment_readable": [True, False]})
+    >>> reference_sentence(s, ["bp", "dfa"])
+    'the BP gradients of dfa fail (b) or (c), as on the CIFAR-10 networks for which the protocol was written'
+    """
+    alive = survival.set_index("method")
+    trained = [m for m in methods if m != "frozen" and m in alive.index]
+    unsound = [m for m in trained if not alive.loc[m, "alignment_readable"]]
+    if not unsound:
+        return ("the BP gradients of every trained method stay above the floor and carry "
+                "per-sample information, unlike the CIFAR-10 networks for which the protocol "
+                "was written")
+    return (f"the BP gradients of {', '.join(unsound)} fail (b) or (c), as on the CIFAR-10 "
+            "networks for which the protocol was written")
