@@ -5,8 +5,10 @@ A residual model exposes
 * an embedding: ``tokens(x)`` (token models that add a CLS token and
   positions), else ``embed(x)``, else ``patch_embed(x)``;
 * ``blocks``: residual branches, :math:`h_{l+1} = h_l + f_l(h_l)`;
-* a terminal stack: ``out_ln`` + ``out_head``, or ``norm`` + ``head`` (token
-  models read the CLS token, position 0).
+* a terminal stack: ``out_ln`` + ``out_head`` (read on the whole last state),
+  or ``norm`` + ``head`` (read on the CLS token, position 0 of a
+  ``(N, T, d)`` state: a model with this stack is taken for a token model,
+  so a flat ``(N, d)`` stream needs ``out_ln`` + ``out_head``).
 
 ``ResidualMLP`` and ``ViTMini`` of :mod:`mbe_helpers.models` meet it; so does
 any user model with the same attribute names.  The credit-assignment metrics
@@ -68,7 +70,7 @@ def embed(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def readout(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits from the last stream state (CLS token for token models).
+    """Logits from the last state: ``out_head(out_ln(h))``, else ``head(norm(h))`` of the CLS token.
 
     Examples
     --------
