@@ -76,6 +76,15 @@ def classify(raw: float, partial: float, effect: float = EFFECT, washout: float 
     ``survives``                same sign and :math:`|partial| \ge e`
     ``weak-or-mixed``           otherwise
     ==========================  ===============================================
+
+    Examples
+    --------
+    >>> classify(raw=-0.6, partial=-0.05)
+    'washout'
+    >>> classify(raw=0.5, partial=0.4), classify(raw=-0.5, partial=0.3)
+    ('survives', 'sign-inversion')
+    >>> classify(raw=0.05, partial=0.3), classify(float("nan"), 0.3)
+    ('hidden-after-control', 'insufficient-data')
     """
     if np.isnan(raw) or np.isnan(partial):
         return "insufficient-data"
@@ -207,6 +216,15 @@ def weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     :math:`r_i = \sum_{j: v_j < v_i} w_j + (\sum_{j: v_j = v_i} w_j + 1)/2`,
     which is exactly the average (mid) rank of row i's copies in the expanded
     resample.  With unit weights this is ``scipy.stats.rankdata``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> values = np.array([3.0, 1.0, 2.0])
+    >>> weighted_ranks(values, np.ones((1, 3)))
+    array([[3., 1., 2.]])
+    >>> weighted_ranks(values, np.array([[2.0, 1.0, 1.0]]))  # row 0 twice: ranks 3 and 4
+    array([[3.5, 1. , 2. ]])
     """
     order = np.argsort(values, kind="stable")
     sorted_values = values[order]
@@ -237,6 +255,15 @@ def weighted_residuals(values: np.ndarray, controls: np.ndarray | None,
     Solves :math:`\beta = (Z_c^\top W Z_c)^{+} Z_c^\top W v_c` on weighted-centred
     columns; the pseudo-inverse keeps rank-deficient designs (a category absent
     from a resample, collinear controls) well defined.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> z = np.arange(6.0).reshape(1, 6, 1)
+    >>> v = np.concatenate([2 * z + 1, z ** 2], axis=2)            # (B=1, n=6, m=2)
+    >>> e = weighted_residuals(v, z, np.ones((1, 6)))
+    >>> e.shape, bool(np.abs(e[..., 0]).max() < 1e-9)
+    ((1, 6, 2), True)
     """
     centred = _weighted_center(values, weights)
     if controls is None or controls.shape[2] == 0:
@@ -447,6 +474,20 @@ def partial_rank_corr(df, x: str, y: str, controls: Sequence[str] = ()) -> tuple
     (r, p, n) : the correlation of the rank residuals, its two-sided p-value
         from Student's t with :math:`n - 2 - k` degrees of freedom, and the
         number of complete rows.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.normal(size=40)
+    >>> runs = pd.DataFrame({"b": b, "m": b + rng.normal(0, .3, 40),
+    ...                      "y": b + rng.normal(0, .3, 40)})
+    >>> r, p, n = partial_rank_corr(runs, "m", "y")
+    >>> round(r, 2), p < 1e-6, n
+    (0.81, True, 40)
+    >>> r, p, n = partial_rank_corr(runs, "m", "y", controls=["b"])
+    >>> round(r, 2), p > 0.05
+    (-0.1, True)
     """
     df = _as_frame(df)
     controls = [c for c in _names(controls, "controls") if c not in (x, y)]
@@ -475,7 +516,13 @@ def _require_rows(frame: pd.DataFrame, metric: str, target: str, controls: list[
 
 
 def bh_qvalues(pvalues: Sequence[float]) -> np.ndarray:
-    """Benjamini-Hochberg q-values; NaN p-values stay NaN and do not count as tests."""
+    """Benjamini-Hochberg q-values; NaN p-values stay NaN and do not count as tests.
+
+    Examples
+    --------
+    >>> bh_qvalues([0.01, 0.04, float("nan"), 0.03]).round(3)
+    array([0.03, 0.04,  nan, 0.04])
+    """
     p = np.asarray(pvalues, dtype=float)
     q = np.full_like(p, np.nan)
     ok = ~np.isnan(p)
@@ -1079,7 +1126,20 @@ def _placebo_table(groups, target: str, settings: _Settings) -> pd.DataFrame:
 
 
 class CalibrationWarning(UserWarning):
-    """The audit's placebos rejected more often than alpha: its adjustment is not trustworthy here."""
+    """The audit's placebos rejected more often than alpha: its adjustment is not trustworthy here.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import numpy as np
+    >>> from mbe_helpers.simulate import SCENARIOS
+    >>> runs = SCENARIOS["u_proxy"].generate(np.random.default_rng(0), 200)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     result = audit(runs, "metric", "target", "b", adjust="rank", placebos=50)
+    >>> [w.category.__name__ for w in caught], result.trustworthy
+    (['CalibrationWarning'], False)
+    """
 
 
 def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settings: _Settings,
@@ -1210,6 +1270,22 @@ class AuditResult:
     Prints as a table in the terminal (``show()``), renders as HTML in a
     notebook, converts with ``to_frame()`` / ``to_markdown()`` and draws the
     two-panel figure with ``plot()``.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.normal(size=30)
+    >>> runs = pd.DataFrame({"b": b, "m": b + rng.normal(0, .3, 30),
+    ...                      "y": b + rng.normal(0, .3, 30)})
+    >>> result = audit(runs, "m", "y", "b", adjust="rank")
+    >>> result.classification("m"), result.trustworthy
+    ('survives', True)
+    >>> result.to_frame()[["metric", "n", "classification"]]
+      metric   n classification
+    0      m  30       survives
+    >>> result.to_markdown().splitlines()[0]
+    "**MBE audit: target 'y', controlling for b**"
     """
 
     table: pd.DataFrame

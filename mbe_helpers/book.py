@@ -61,16 +61,40 @@ ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ChapterError(RuntimeError):
-    """A chapter raised while executing; the message names the chapter and the cell error."""
+    """A chapter raised while executing; the message names the chapter and the cell error.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> nb = Path(tempfile.mkdtemp()) / "00_x.ipynb"
+    >>> error = {"output_type": "error", "ename": "ValueError", "evalue": "n < 1"}
+    >>> _ = nb.write_text(json.dumps({"cells": [{"cell_type": "code", "outputs": [error]}]}))
+    >>> stage_book(nb.parent, [nb])
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.book.ChapterError: executed notebook 00_x.ipynb holds an error output (ValueError: n < 1).
+    """
 
 
 class BuildError(RuntimeError):
-    """jupyter-book refused the staged book; the message quotes the first problem."""
+    """jupyter-book refused the staged book; the message quotes the first problem.
+
+    Examples
+    --------
+    >>> issubclass(BuildError, RuntimeError), issubclass(BuildError, MBEInputError)
+    (True, False)
+    """
 
 
 @dataclass(frozen=True)
 class Parameter:
-    """One knob of a chapter, read from its ``parameters`` cell."""
+    """One knob of a chapter, read from its ``parameters`` cell.
+
+    Examples
+    --------
+    >>> Parameter("n", 500, "number of simulated runs")
+    Parameter(name='n', default=500, comment='number of simulated runs')
+    """
 
     name: str
     default: Any
@@ -92,6 +116,13 @@ class Chapter:
         In the order of the ``parameters`` cell.
     profiles : dict of str to dict
         Overrides per profile (``smoke``, ``default``, ``paper``).
+
+    Examples
+    --------
+    >>> params = {"n": Parameter("n", 500), "seed": Parameter("seed", 0)}
+    >>> ch = Chapter("00_method", Path("book/00_method.ipynb"), params, {"smoke": {"n": 400}})
+    >>> ch.name, ch.defaults(), ch.profiles["smoke"]
+    ('method', {'n': 500, 'seed': 0}, {'n': 400})
     """
 
     stem: str
@@ -121,6 +152,18 @@ def parse_parameters_cell(source: str) -> dict[str, Parameter]:
     Each ``name = literal  # comment`` line gives one :class:`Parameter`; a
     comment on the line above is used when the line has none. A value that is
     not a Python literal is kept as its source text.
+
+    Examples
+    --------
+    >>> cell = '''n = 500          # number of runs
+    ... # noise of the metric
+    ... metric_noise = 0.5
+    ... model = make_model()'''
+    >>> for p in parse_parameters_cell(cell).values():
+    ...     print(p)
+    Parameter(name='n', default=500, comment='number of runs')
+    Parameter(name='metric_noise', default=0.5, comment='noise of the metric')
+    Parameter(name='model', default='make_model()', comment='')
     """
     tree = ast.parse(source)
     comments = _comments_by_line(source)
@@ -149,7 +192,19 @@ def _single_target(node: ast.stmt) -> str | None:
 
 
 def read_parameters(notebook: str | Path) -> dict[str, Parameter]:
-    """Parameters of a notebook (empty when it has no ``parameters`` cell)."""
+    """Parameters of a notebook (empty when it has no ``parameters`` cell).
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> source = '''n = 500  # number of runs
+    ... seed = 0'''
+    >>> cell = {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": source}
+    >>> nb = Path(tempfile.mkdtemp()) / "00_x.ipynb"
+    >>> _ = nb.write_text(json.dumps({"cells": [cell]}))
+    >>> {name: p.default for name, p in read_parameters(nb).items()}
+    {'n': 500, 'seed': 0}
+    """
     nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
     for cell in nb.get("cells", []):
         tags = cell.get("metadata", {}).get("tags", [])
@@ -160,9 +215,19 @@ def read_parameters(notebook: str | Path) -> dict[str, Parameter]:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a command-line value as YAML (``200`` -> int, ``[1, 2]`` -> list, ``on`` -> str).
+    """Parse a command-line value as YAML 1.1 (``200`` -> int, ``[1, 2]`` -> list, ``on`` -> True).
 
-    Text that is not valid YAML stays a string.
+    ``null`` and ``~`` give None; YAML 1.1 reads ``on``, ``off``, ``yes`` and
+    ``no`` as booleans, and a float needs a dot and a signed exponent
+    (``0.001``, ``1.0e-3``; ``1e-3`` and ``1.0e3`` stay strings). Text that is
+    not valid YAML stays a string.
+
+    Examples
+    --------
+    >>> parse_value("200"), parse_value("[1, 2]"), parse_value("0.001"), parse_value("null")
+    (200, [1, 2], 0.001, None)
+    >>> parse_value("on"), parse_value("1e-3"), parse_value("{a: 1")
+    (True, '1e-3', '{a: 1')
     """
     try:
         value = yaml.safe_load(text)
@@ -175,6 +240,16 @@ def check_value(chapter: Chapter, name: str, value: Any) -> None:
     """Refuse a value whose type does not fit the parameter's default.
 
     ints are accepted for floats; a default of ``None`` accepts anything.
+
+    Examples
+    --------
+    >>> params = {"n": Parameter("n", 500), "lr": Parameter("lr", 0.1)}
+    >>> ch = Chapter("00_x", Path("x.ipynb"), params)
+    >>> check_value(ch, "lr", 1)          # an int is fine for a float
+    >>> check_value(ch, "n", "many")
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: parameter 'n' of chapter 00_x expects int (default 500), got ...
     """
     default = chapter.parameters[name].default
     if default is None or value is None:
@@ -191,13 +266,32 @@ def check_value(chapter: Chapter, name: str, value: Any) -> None:
 
 
 def check_profile(profile: str) -> None:
-    """Refuse an unknown profile name in one sentence."""
+    """Refuse an unknown profile name in one sentence.
+
+    Examples
+    --------
+    >>> check_profile("smoke")
+    >>> check_profile("fast")
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown profile 'fast'; known profiles: smoke, default, paper.
+    """
     if profile not in PROFILES:
         raise MBEInputError(f"unknown profile {profile!r}; known profiles: {', '.join(PROFILES)}.")
 
 
 def check_names(chapter: Chapter, names: Iterable[str], where: str = "") -> None:
-    """Refuse parameter names the chapter does not declare, listing the known ones."""
+    """Refuse parameter names the chapter does not declare, listing the known ones.
+
+    Examples
+    --------
+    >>> ch = Chapter("00_x", Path("x.ipynb"), {"n": Parameter("n", 500)})
+    >>> check_names(ch, ["n"])
+    >>> check_names(ch, ["m"], where=" in profiles.yml (smoke)")
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown parameter 'm' in profiles.yml (smoke) for chapter ...
+    """
     for name in names:
         if name not in chapter.parameters:
             known = ", ".join(chapter.parameters) or "none"
@@ -214,6 +308,16 @@ def resolve_parameters(chapter: Chapter, profile: str = "default",
 
     ``results_dir`` is only injected when the chapter declares it and the
     caller did not override it.
+
+    Examples
+    --------
+    >>> ch = Chapter("00_x", Path("x.ipynb"),
+    ...              {"n": Parameter("n", 500), "seed": Parameter("seed", 0),
+    ...               "results_dir": Parameter("results_dir", None)}, {"smoke": {"n": 100}})
+    >>> resolve_parameters(ch, "smoke", {"seed": 1}, results_dir="results/smoke/00_x")
+    {'n': 100, 'seed': 1, 'results_dir': 'results/smoke/00_x'}
+    >>> resolve_parameters(ch, "default")
+    {}
     """
     check_profile(profile)
     overrides = dict(overrides or {})
@@ -231,6 +335,14 @@ def check_parameters(chapter: Chapter, params: Mapping[str, Any]) -> None:
     Chapters of this book are checked by their schema in
     :data:`mbe_helpers.chapters.params.SCHEMAS`; a notebook added without one
     gets the type check of :func:`check_value`.
+
+    Examples
+    --------
+    >>> check_parameters(get_chapter("00_method"), {"n": 200})
+    >>> check_parameters(get_chapter("00_method"), {"n": 10})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: n must be greater than or equal to 50, got 10.
     """
     from mbe_helpers.chapters import params as schemas
 
@@ -290,7 +402,16 @@ def _relative(path: Path, root: Path) -> str:
 
 # ------------------------------------------------------------------ registry
 def load_profiles(root: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """Read ``book/profiles.yml``: chapter -> profile -> overrides (empty when absent)."""
+    """Read ``book/profiles.yml``: chapter -> profile -> overrides (empty when absent).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> load_profiles(find_root())["00_method"]["smoke"]
+    {'n': 400, 'n_bootstrap': 200}
+    >>> load_profiles(tempfile.mkdtemp())          # no book/profiles.yml
+    {}
+    """
     path = Path(root) / "book" / "profiles.yml"
     if not path.is_file():
         return {}
@@ -308,6 +429,11 @@ def discover_chapters(root: str | Path | None = None) -> list[Chapter]:
 
     Profile entries are checked: an unknown chapter, profile or parameter in
     ``profiles.yml`` is refused in one sentence.
+
+    Examples
+    --------
+    >>> [chapter.stem for chapter in discover_chapters()][:3]
+    ['00_method', '01_acid_test', '02_heterogeneous_grid']
     """
     root = Path(root) if root is not None else find_root()
     if not is_book_root(root):
@@ -331,7 +457,17 @@ def discover_chapters(root: str | Path | None = None) -> list[Chapter]:
 
 
 def get_chapter(name: str, root: str | Path | None = None) -> Chapter:
-    """Look a chapter up by stem (``00_method``), short name (``method``) or file name."""
+    """Look a chapter up by stem (``00_method``), short name (``method``) or file name.
+
+    Examples
+    --------
+    >>> get_chapter("method").stem, get_chapter("book/01_acid_test.ipynb").name
+    ('00_method', 'acid_test')
+    >>> get_chapter("appendix")
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown chapter 'appendix'; known chapters: 00_method, ...
+    """
     key = Path(name).name.removesuffix(".ipynb")
     chapters = discover_chapters(root)
     for chapter in chapters:
@@ -343,12 +479,26 @@ def get_chapter(name: str, root: str | Path | None = None) -> Chapter:
 
 # ----------------------------------------------------------------- execution
 def executed_path(root: str | Path, profile: str, chapter: Chapter) -> Path:
-    """Where the executed notebook of ``chapter`` goes: ``_build/executed/<profile>/<stem>.ipynb``."""
+    """Where the executed notebook of ``chapter`` goes: ``_build/executed/<profile>/<stem>.ipynb``.
+
+    Examples
+    --------
+    >>> ch = Chapter("00_method", Path("book/00_method.ipynb"))
+    >>> executed_path("repo", "smoke", ch).as_posix()
+    'repo/_build/executed/smoke/00_method.ipynb'
+    """
     return Path(root) / "_build" / "executed" / profile / f"{chapter.stem}.ipynb"
 
 
 def results_path(root: str | Path, profile: str, chapter: Chapter) -> Path:
-    """Artifact folder of ``chapter``: ``results/<profile>/<stem>``."""
+    """Artifact folder of ``chapter``: ``results/<profile>/<stem>``.
+
+    Examples
+    --------
+    >>> ch = Chapter("00_method", Path("book/00_method.ipynb"))
+    >>> results_path("repo", "smoke", ch).as_posix()
+    'repo/results/smoke/00_method'
+    """
     return Path(root) / "results" / profile / chapter.stem
 
 
@@ -375,6 +525,16 @@ def execute_chapter(chapter: Chapter, profile: str = "default",
     ------
     ChapterError
         When a cell raises; the partly executed notebook is kept.
+
+    Examples
+    --------
+    >>> chapter = get_chapter("method")
+    >>> executed_path(find_root(), "smoke", chapter).relative_to(find_root()).as_posix()
+    '_build/executed/smoke/00_method.ipynb'
+    >>> execute_chapter(chapter, "smoke", {"n": 10})      # refused before a kernel starts
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: n must be greater than or equal to 50, got 10.
     """
     root = Path(root) if root is not None else find_root()
     default_output, default_results = run_location(root, profile, chapter, overrides)
@@ -433,12 +593,33 @@ def _first_line(text: str) -> str:
 
 def run_chapters(chapters: Sequence[Chapter], profile: str = "default", *,
                  root: str | Path | None = None, progress: bool = True) -> list[Path]:
-    """Execute chapters in order; the first failure stops the run (earlier outputs stay)."""
+    """Execute chapters in order; the first failure stops the run (earlier outputs stay).
+
+    Examples
+    --------
+    >>> run_chapters(discover_chapters(), "fast")         # refused before any chapter runs
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown profile 'fast'; known profiles: smoke, default, paper.
+    """
     return [execute_chapter(ch, profile, root=root, progress=progress) for ch in chapters]
 
 
 def notebook_errors(notebook: str | Path) -> list[str]:
-    """Error outputs of an executed notebook, skipping cells tagged ``raises-exception``."""
+    """Error outputs of an executed notebook, skipping cells tagged ``raises-exception``.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> error = {"output_type": "error", "ename": "ValueError", "evalue": "n must be positive"}
+    >>> expected = {"cell_type": "code", "metadata": {"tags": ["raises-exception"]},
+    ...             "outputs": [error]}
+    >>> cells = [{"cell_type": "code", "outputs": [error]}, expected]
+    >>> nb = Path(tempfile.mkdtemp()) / "00_x.ipynb"
+    >>> _ = nb.write_text(json.dumps({"cells": cells}))
+    >>> notebook_errors(nb)
+    ['ValueError: n must be positive']
+    """
     nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
     found = []
     for cell in nb.get("cells", []):
@@ -461,7 +642,14 @@ def _toc_files(node: Any) -> set[str]:
 
 
 def add_missing_chapters(toc: dict, files: Sequence[str]) -> dict:
-    """Append chapter files absent from ``toc`` to its first part (or its chapters)."""
+    """Append chapter files absent from ``toc`` to its first part (or its chapters).
+
+    Examples
+    --------
+    >>> toc = {"root": "book/intro", "chapters": [{"file": "book/00_method"}]}
+    >>> add_missing_chapters(toc, ["book/00_method", "book/06_new"])
+    {'root': 'book/intro', 'chapters': [{'file': 'book/00_method'}, {'file': 'book/06_new'}]}
+    """
     present = {f.removesuffix(".ipynb") for f in _toc_files(toc)}
     missing = [f for f in files if f not in present]
     if missing:
@@ -483,6 +671,19 @@ def stage_book(root: str | Path, notebooks: Sequence[str | Path],
     -------
     Path
         The stage folder (default ``<root>/_build/stage``).
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> nb = tmp / "00_method.ipynb"
+    >>> empty = {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    >>> _ = nb.write_text(json.dumps(empty))
+    >>> stage = stage_book(find_root(), [nb], stage_dir=tmp / "stage")
+    >>> sorted(p.name for p in stage.iterdir()), (stage / "book" / "00_method.ipynb").is_file()
+    (['_config.yml', '_toc.yml', 'book'], True)
+    >>> yaml.safe_load((stage / "_config.yml").read_text())["execute"]["execute_notebooks"]
+    'off'
     """
     root = Path(root)
     stage = Path(stage_dir) if stage_dir else root / "_build" / "stage"
@@ -506,7 +707,13 @@ def stage_book(root: str | Path, notebooks: Sequence[str | Path],
 
 # --------------------------------------------------------------------- build
 def jupyter_book_command() -> list[str]:
-    """The ``jupyter-book`` executable next to this Python, else the one on PATH."""
+    """The ``jupyter-book`` executable next to this Python, else the one on PATH.
+
+    Examples
+    --------
+    >>> Path(jupyter_book_command()[0]).name
+    'jupyter-book'
+    """
     local = Path(sys.executable).with_name("jupyter-book")
     found = str(local) if local.exists() else shutil.which("jupyter-book")
     if not found:
@@ -525,6 +732,11 @@ def build_site(stage_dir: str | Path, out_root: str | Path, *, strict: bool = Tr
     -------
     Path
         ``<out_root>/_build/html/index.html``.
+
+    Examples
+    --------
+    >>> Path(jupyter_book_command()[0]).name      # the program build_site runs on the stage
+    'jupyter-book'
     """
     out_root = Path(out_root)
     cmd = [*jupyter_book_command(), "build", str(stage_dir), "--path-output", str(out_root),
@@ -563,6 +775,13 @@ def build_book(root: str | Path | None = None, profile: str = "default", *,
         The first chapter that raised; chapters executed before it are kept.
     BuildError
         jupyter-book failed.
+
+    Examples
+    --------
+    >>> build_book(find_root(), "fast")          # refused before any chapter runs
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown profile 'fast'; known profiles: smoke, default, paper.
     """
     root = Path(root) if root is not None else find_root()
     check_profile(profile)

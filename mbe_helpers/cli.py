@@ -46,7 +46,18 @@ def _csv_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``mbe-book`` with its four subcommands."""
+    """The argument parser of ``mbe-book`` with its four subcommands.
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["run", "method", "-p", "n", "200", "--profile", "smoke"])
+    >>> args.command, args.chapter, args.parameter, args.profile, args.func is cmd_run
+    ('run', 'method', [['n', '200']], 'smoke', True)
+    >>> args = build_parser().parse_args(["audit", "runs.csv", "--metrics", "fim,sci",
+    ...                                   "--target", "acc"])
+    >>> args.metrics, args.placebos
+    (['fim', 'sci'], 200)
+    """
     parser = _Parser(prog="mbe-book", description="Run, list and build the MBE book; audit a CSV of runs.")
     parser.add_argument("--root", type=Path, default=None,
                         help="repository root (default: found upward from the current folder)")
@@ -117,7 +128,17 @@ def _show(value: Any) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print a table of chapters with parameters, defaults, overrides and comments."""
+    """Print a table of chapters with parameters, defaults, overrides and comments.
+
+    Examples
+    --------
+    >>> import contextlib, io
+    >>> out = io.StringIO()
+    >>> with contextlib.redirect_stdout(out):
+    ...     status = cmd_list(build_parser().parse_args(["list"]))
+    >>> status, "00_method (method)" in out.getvalue()
+    (0, True)
+    """
     from rich.table import Table
 
     chapters = book.discover_chapters(args.root)
@@ -142,7 +163,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Execute one chapter and say where the notebook and artifacts went."""
+    """Execute one chapter and say where the notebook and artifacts went.
+
+    Examples
+    --------
+    >>> cmd_run(build_parser().parse_args(["run", "method", "-p", "n", "10"]))
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: n must be greater than or equal to 50, got 10.
+    >>> cmd_run(build_parser().parse_args(["run", "method", "-p", "n", "200", "-p", "n", "300"]))
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: parameter 'n' is given more than once with -p; give it once.
+    """
     root = args.root or book.find_root()
     chapter = book.get_chapter(args.chapter, root)
     book.check_profile(args.profile)
@@ -189,14 +222,40 @@ def _tracking(track: str | None, tracking_uri: str | None) -> Iterator[None]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Run every chapter, then build the site."""
+    """Run every chapter, then build the site.
+
+    Examples
+    --------
+    >>> cmd_build(build_parser().parse_args(["build", "--profile", "fast"]))
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown profile 'fast'; known profiles: smoke, default, paper.
+    """
     index = book.build_book(args.root, args.profile, progress=not args.no_progress)
     print(f"site built: {index}")
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Audit metrics of a table of runs, print the table and write the requested reports."""
+    """Audit metrics of a table of runs, print the table and write the requested reports.
+
+    Examples
+    --------
+    >>> import contextlib, io, tempfile
+    >>> import numpy as np, pandas as pd
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.normal(size=30)
+    >>> pd.DataFrame({"b": b, "m": b + rng.normal(0, .3, 30),
+    ...               "y": b + rng.normal(0, .3, 30)}).to_csv(folder / "runs.csv", index=False)
+    >>> args = build_parser().parse_args(["audit", str(folder / "runs.csv"), "--metrics", "m",
+    ...                                   "--target", "y", "--controls", "b", "--adjust", "rank",
+    ...                                   "--placebos", "0", "--out", str(folder / "report.md")])
+    >>> with contextlib.redirect_stdout(io.StringIO()):
+    ...     status = cmd_audit(args)
+    >>> status, (folder / "report.md").read_text().splitlines()[0]
+    (0, "**MBE audit: target 'y', controlling for b**")
+    """
     from mbe_helpers.audit import audit
     from mbe_helpers.sources import read_runs
 
@@ -261,7 +320,17 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mbe-book`` console script; returns the exit status."""
+    """Entry point of the ``mbe-book`` console script; returns the exit status.
+
+    Examples
+    --------
+    >>> import contextlib, io
+    >>> err = io.StringIO()
+    >>> with contextlib.redirect_stderr(err):
+    ...     status = main(["audit", "missing.csv", "--metrics", "m", "--target", "y"])
+    >>> status, err.getvalue().strip()
+    (2, 'mbe-book: error: no such file: missing.csv.')
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -654,6 +654,14 @@ def comparator_tables(df, metrics, target: str, hyperparameters) -> dict[str, pd
     -------
     dict
         ``granulated_kendall``, ``conditional_mi`` and ``robust_sign_error`` frames.
+
+    Examples
+    --------
+    >>> grid = pd.DataFrame({"lr": [1, 1, 2, 2] * 2, "wd": [1, 2] * 4,
+    ...                      "m": [0.1, 0.2, 0.3, 0.5, 0.2, 0.1, 0.4, 0.6],
+    ...                      "acc": [0.5, 0.6, 0.7, 0.9, 0.55, 0.5, 0.8, 0.95]})
+    >>> sorted(comparator_tables(grid, ["m"], "acc", ["lr", "wd"]))
+    ['conditional_mi', 'granulated_kendall', 'robust_sign_error']
     """
     functions = {"granulated_kendall": granulated_kendall, "conditional_mi": conditional_mi,
                  "robust_sign_error": robust_sign_error}
@@ -670,7 +678,13 @@ def _cell(value) -> str:
 
 
 def comparators_markdown(tables: dict[str, pd.DataFrame], target: str) -> str:
-    """Markdown section with the three tables of :func:`comparator_tables` ('' when there are none)."""
+    """Markdown section with the three tables of :func:`comparator_tables` ('' when there are none).
+
+    Examples
+    --------
+    >>> comparators_markdown({}, "acc")
+    ''
+    """
     if not tables:
         return ""
     titles = {"granulated_kendall": ("Granulated Kendall (Jiang et al. 2020): psi per hyperparameter, "

@@ -36,7 +36,15 @@ _FLOOR = 1e-12  # a norm below this is "zero" for the purpose of a direction
 
 
 class Measured(float):
-    """A float that can say why it is NaN: ``Measured(nan, reason="signal is zero")``."""
+    """A float that can say why it is NaN: ``Measured(nan, reason="signal is zero")``.
+
+    Examples
+    --------
+    >>> Measured(0.25), Measured(float("nan"), reason="the credit signal is zero")
+    (0.25, nan (the credit signal is zero))
+    >>> Measured(float("nan"), reason="the credit signal is zero").reason
+    'the credit signal is zero'
+    """
 
     reason: str
 
@@ -69,6 +77,12 @@ def random_directions(shape: torch.Size, n_directions: int, seed: int,
     Each sample's direction is uniform on the sphere of its flattened state.
     They are drawn on the CPU from ``seed`` (the same numbers on every device)
     and moved to ``device``.
+
+    Examples
+    --------
+    >>> v = random_directions(torch.Size([5, 8]), n_directions=3, seed=0)
+    >>> v.shape, torch.allclose(v.norm(dim=-1), torch.ones(3, 5))
+    (torch.Size([3, 5, 8]), True)
     """
     generator = torch.Generator().manual_seed(seed)
     v = torch.randn((n_directions, *shape), generator=generator, dtype=dtype).to(device)
@@ -105,6 +119,20 @@ def perturbation_correlation(h: torch.Tensor, a: torch.Tensor,
         one batched forward pass each.
     seed : int
         Seed of the directions.
+
+    Examples
+    --------
+    >>> from mbe_helpers import stream
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2).double()
+    >>> x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    >>> h, loss_fn = stream.forward_stream(model, x)[0][1], stream.tail_loss(model, 1, y)
+    >>> true = bp_signals(model, x, y)[1]
+    >>> round(perturbation_correlation(h, true, loss_fn, eps=1e-4), 3)
+    1.0
+    >>> abs(perturbation_correlation(h, torch.randn_like(h), loss_fn)) < 0.3
+    True
     """
     _check_pair(h, a)
     if eps <= 0 or n_directions < 1:
@@ -121,7 +149,15 @@ def perturbation_correlation(h: torch.Tensor, a: torch.Tensor,
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> Measured:
-    """Pearson correlation of two 1-D tensors, NaN with a reason when one has no spread."""
+    """Pearson correlation of two 1-D tensors, NaN with a reason when one has no spread.
+
+    Examples
+    --------
+    >>> round(pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])), 3)
+    0.993
+    >>> pearson(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]))
+    nan (the predicted changes have no spread (is the credit signal zero?))
+    """
     xc, yc = x - x.mean(), y - y.mean()
     sx, sy = xc.norm(), yc.norm()
     if sx <= _FLOOR * max(1.0, x.abs().max().item()) * math.sqrt(len(x)):
@@ -139,6 +175,18 @@ def nudging_test(h: torch.Tensor, a: torch.Tensor,
     with :math:`\mathrm{rms}(a_i)` the root mean square of sample i's signal.
     Negative means the signal points downhill.  Samples with a zero signal are
     left out; if all are zero the result is NaN.
+
+    Examples
+    --------
+    >>> from mbe_helpers import stream
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2).double()
+    >>> x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    >>> h, loss_fn = stream.forward_stream(model, x)[0][1], stream.tail_loss(model, 1, y)
+    >>> g = bp_signals(model, x, y)[1]
+    >>> nudging_test(h, g, loss_fn) < 0, nudging_test(h, -g, loss_fn) > 0   # downhill, uphill
+    (True, True)
     """
     _check_pair(h, a)
     rms = a.detach().flatten(1).pow(2).mean(dim=1).sqrt()
@@ -157,6 +205,14 @@ def bp_cosine(a: torch.Tensor, bp_grad: torch.Tensor) -> Measured:
 
     Samples where either vector is at the numerical floor have no direction
     and are left out; NaN (with the reason) when none is left.
+
+    Examples
+    --------
+    >>> g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    >>> bp_cosine(g, g), bp_cosine(-g, g), bp_cosine(g.flip(1), g)
+    (1.0, -1.0, 0.0)
+    >>> bp_cosine(torch.zeros(2, 2), g)
+    nan (the credit signal is at the numerical floor for every sample)
     """
     _check_pair(bp_grad, a)
     a2, g2 = a.detach().flatten(1).double(), bp_grad.detach().flatten(1).double()
@@ -176,6 +232,13 @@ def feature_drift(initial: Mapping[str, torch.Tensor],
     Takes two state dicts (or ``named_parameters`` mappings); parameters
     present in both are compared.  A zero initial tensor (e.g. a bias
     initialised at 0) gives NaN with a reason: relative drift is undefined.
+
+    Examples
+    --------
+    >>> initial = {"w": torch.tensor([3.0, 4.0]), "b": torch.zeros(2)}
+    >>> final = {"w": torch.tensor([3.0, 4.5]), "b": torch.ones(2)}
+    >>> feature_drift(initial, final)
+    {'w': 0.1, 'b': nan (the initial tensor is zero)}
     """
     out = {}
     for name, w0 in initial.items():
@@ -196,7 +259,14 @@ def feature_drift(initial: Mapping[str, torch.Tensor],
 # --------------------------------------------------------------------------- #
 
 class ValueNet(nn.Module):
-    """A small value network :math:`V(h, t, s)` of a state, a time and a context."""
+    """A small value network :math:`V(h, t, s)` of a state, a time and a context.
+
+    Examples
+    --------
+    >>> net = ValueNet(state_dim=4, context_dim=2, hidden=8)
+    >>> net(torch.zeros(5, 4), torch.zeros(5), torch.zeros(5, 2)).shape
+    torch.Size([5])
+    """
 
     def __init__(self, state_dim: int, context_dim: int, hidden: int = 128):
         super().__init__()
@@ -209,7 +279,18 @@ class ValueNet(nn.Module):
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, decay: float = 0.99) -> None:
-    r"""Move the target network towards the online one: :math:`\bar\phi \leftarrow d\bar\phi + (1-d)\phi`."""
+    r"""Move the target network towards the online one: :math:`\bar\phi \leftarrow d\bar\phi + (1-d)\phi`.
+
+    Examples
+    --------
+    >>> target, online = nn.Linear(2, 1), nn.Linear(2, 1)
+    >>> for p, q in zip(target.parameters(), online.parameters()):
+    ...     _ = p.data.fill_(0.0), q.data.fill_(1.0)
+    >>> ema_update(target, online, decay=0.9)
+    >>> target.weight
+    Parameter containing:
+    tensor([[0.1000, 0.1000]], requires_grad=True)
+    """
     for p_target, p_online in zip(target.parameters(), online.parameters()):
         p_target.mul_(decay).add_(p_online, alpha=1 - decay)
 
@@ -221,6 +302,19 @@ def soft_min_target(target_net: nn.Module, next_states: torch.Tensor, t_next: to
     :math:`\hat V = -\lambda \log \frac{1}{K} \sum_k \exp(-\bar V(h^{(k)}, t', s) / \lambda)`,
     which tends to the mean as :math:`\lambda \to \infty` and to the minimum
     as :math:`\lambda \to 0`.  ``next_states`` has shape (K, N, d).
+
+    Examples
+    --------
+    >>> _ = torch.manual_seed(0)
+    >>> net = ValueNet(state_dim=3, context_dim=1, hidden=8)
+    >>> states, t, s = torch.randn(4, 5, 3), torch.ones(5), torch.zeros(5, 1)   # K = 4 next states
+    >>> values = torch.stack([net(h, t, s) for h in states])
+    >>> cold = soft_min_target(net, states, t, s, temperature=1e-4)
+    >>> warm = soft_min_target(net, states, t, s, temperature=1e2)
+    >>> bool((cold - values.min(0).values).abs().max() < 1e-3)     # lambda -> 0: the minimum
+    True
+    >>> bool((warm - values.mean(0)).abs().max() < 1e-2)           # lambda -> inf: the mean
+    True
     """
     k = next_states.shape[0]
     values = torch.stack([target_net(h, t_next, s) for h in next_states])
@@ -234,6 +328,16 @@ def bridge_residual(value_net: nn.Module, target_net: nn.Module, h: torch.Tensor
 
     :math:`\hat V` is :func:`soft_min_target` of the EMA target network over
     the K noisy next states.
+
+    Examples
+    --------
+    >>> _ = torch.manual_seed(0)
+    >>> net = ValueNet(state_dim=3, context_dim=1, hidden=8)
+    >>> h, t, s = torch.randn(5, 3), torch.ones(5), torch.zeros(5, 1)
+    >>> bridge_residual(net, net, h, t, s, h.expand(4, 5, 3), t) < 1e-6   # next states = h
+    True
+    >>> bridge_residual(net, net, h, t, s, h.expand(4, 5, 3) + 1, t) > 0
+    True
     """
     if temperature <= 0:
         raise MBEInputError(f"temperature must be positive, got {temperature}")
@@ -270,6 +374,18 @@ def measure_layers(model, x: torch.Tensor, y: torch.Tensor, signals, *, eps: flo
     -------
     DataFrame
         One row per measured state: ``layer, rho, bp_cosine, nudge, reason``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2).double()
+    >>> x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    >>> table = measure_layers(model, x, y, bp_signals(model, x, y), eps=1e-4, n_directions=8)
+    >>> table.columns.tolist()
+    ['layer', 'rho', 'bp_cosine', 'nudge', 'reason']
+    >>> bool((table.rho > 0.99).all() and (table.bp_cosine > 0.999).all())   # the true gradient
+    True
     """
     import pandas as pd
 
@@ -294,7 +410,16 @@ def measure_layers(model, x: torch.Tensor, y: torch.Tensor, signals, *, eps: flo
 
 
 def bp_signals(model, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    r"""Per-sample true gradients :math:`\partial \ell_i / \partial h_{l,i}` at every state (the positive control)."""
+    r"""Per-sample true gradients :math:`\partial \ell_i / \partial h_{l,i}` at every state (the positive control).
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2)
+    >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    >>> [tuple(g.shape) for g in bp_signals(model, x, y)]
+    [(5, 8), (5, 8), (5, 8)]
+    """
     from mbe_helpers import stream
 
     _, grads, _ = stream.stream_gradients(model, x, y)
@@ -302,7 +427,18 @@ def bp_signals(model, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
 
 
 def random_signals(model, x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
-    """Independent standard-normal signals shaped like every state (the negative control)."""
+    """Independent standard-normal signals shaped like every state (the negative control).
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ViTMini
+    >>> model = ViTMini((1, 8, 8), 10, patch=4, width=8, n_blocks=2)
+    >>> signals = random_signals(model, torch.zeros(3, 64), seed=0)
+    >>> [tuple(a.shape) for a in signals]
+    [(3, 5, 8), (3, 5, 8), (3, 5, 8)]
+    >>> torch.equal(signals[0], random_signals(model, torch.zeros(3, 64), seed=0)[0])
+    True
+    """
     from mbe_helpers import stream
 
     with torch.no_grad():
@@ -329,6 +465,18 @@ def calibrated_scale(table, *, value: str = "rho", condition: str = "condition",
       negative control has fewer than two rows or no spread.
 
     Returns one row per (group, condition) with ``mean, sd, n`` as well.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> table = pd.DataFrame({"condition": ["positive"] * 3 + ["negative"] * 3 + ["dfa"] * 3,
+    ...                       "layer": 1, "rho": [0.9, 0.95, 1.0, 0.0, 0.1, -0.1, 0.4, 0.5, 0.6]})
+    >>> scale = calibrated_scale(table)
+    >>> scale[["condition", "mean", "fraction_of_ceiling", "noise_units"]].round(2)
+      condition  mean  fraction_of_ceiling  noise_units
+    0       dfa  0.50                 0.53          5.0
+    1  negative  0.00                 0.00          0.0
+    2  positive  0.95                 1.00          9.5
     """
     import numpy as np
     import pandas as pd

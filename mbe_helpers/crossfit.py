@@ -122,7 +122,15 @@ _PAIR_KNOTS = 2                               # interior knots of each factor of
 
 @dataclass(frozen=True)
 class ControlBasis:
-    """The learner's features: main-effect columns and pairwise-interaction columns."""
+    """The learner's features: main-effect columns and pairwise-interaction columns.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> basis = control_basis(numeric=np.arange(100.0).reshape(50, 2))
+    >>> basis.n, basis.main.shape[0] == basis.interactions.shape[0] == 50
+    (50, True)
+    """
 
     main: np.ndarray          # (n, p_main)
     interactions: np.ndarray  # (n, p_int)
@@ -365,14 +373,38 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
 
 @dataclass(frozen=True)
 class KeptFits:
-    """The target's per-fold fits (for :func:`refit_residuals`) and every response's fitted df."""
+    """The target's per-fold fits (for :func:`refit_residuals`) and every response's fitted df.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> b = np.linspace(0, 1, 50)
+    >>> e, kept = crossfit_residuals(control_basis(b[:, None]), np.column_stack([b**2, -b]),
+    ...                              np.arange(50) % 5, keep=0)
+    >>> len(kept.folds), kept.dof.shape
+    (5, (2,))
+    """
 
     folds: list
     dof: np.ndarray           # (R,) effective degrees of freedom of each response's fit, fold mean
 
 
 def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
-    """Residualise new columns (n, B) with the fits kept by ``crossfit_residuals(keep=j)``."""
+    """Residualise new columns (n, B) with the fits kept by ``crossfit_residuals(keep=j)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import stats
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.uniform(size=60)
+    >>> y = b**2 + rng.normal(0, .1, 60)
+    >>> basis, folds = control_basis(b[:, None]), np.arange(60) % 5
+    >>> e, kept = crossfit_residuals(basis, y[:, None], folds, keep=0)
+    >>> again = refit_residuals(kept, (stats.rankdata(y) / 60)[:, None])   # the same ranked column
+    >>> bool(np.allclose(again, e))
+    True
+    """
     out = np.empty_like(columns)
     for test, train, hat in operators.folds:
         tr = columns[train]
@@ -408,6 +440,18 @@ def wild_gcm_p(e_m: np.ndarray, e_y: np.ndarray, operators, draws: int,
 
     ``operators`` are the fits kept by ``crossfit_residuals(..., keep=j)`` (a :class:`KeptFits`);
     :math:`p = (1 + \#\{|T^*| \ge |T|\}) / (1 + \mathrm{draws})` per column of ``e_m``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.uniform(-2.5, 2.5, 200)
+    >>> m, y = b**2 + rng.normal(0, .2, 200), b**2 + rng.normal(0, .4, 200)
+    >>> e, kept = crossfit_residuals(control_basis(b[:, None]), np.column_stack([y, m]),
+    ...                              fold_ids(200, 5, seed=0), keep=0)
+    >>> p = wild_gcm_p(e[:, 1], e[:, 0], kept, draws=199, rng=np.random.default_rng(1))
+    >>> p.shape, bool(p[0] > 0.01)
+    ((1,), True)
     """
     e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
     codes = np.arange(len(e_y)) if clusters is None else pd.factorize(clusters)[0]
@@ -423,7 +467,16 @@ def wild_gcm_p(e_m: np.ndarray, e_y: np.ndarray, operators, draws: int,
 
 @dataclass(frozen=True)
 class GCMTest:
-    """Result of :func:`gcm_test`: residual correlation, its interval, the GCM statistic and p."""
+    """Result of :func:`gcm_test`: residual correlation, its interval, the GCM statistic and p.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> test = gcm_test(rng.normal(size=200), rng.normal(size=200))
+    >>> type(test).__name__, test.dof, test.lo < test.r < test.hi, test.p > 0.05
+    ('GCMTest', 199, True, True)
+    """
 
     r: float
     lo: float

@@ -10,6 +10,15 @@ class MBEInputError(ValueError):
 
     Command-line entry points print the message and exit with status 2;
     library callers can catch it as a plain ``ValueError``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.audit import check_alpha
+    >>> try:
+    ...     check_alpha(1.5)
+    ... except ValueError as exc:
+    ...     print(type(exc).__name__, exc)
+    MBEInputError alpha must lie strictly between 0 and 1, got 1.5
     """
 
 
@@ -18,6 +27,11 @@ class MissingExtraError(ModuleNotFoundError):
 
     A :class:`ModuleNotFoundError`, so ``try: import ... except ImportError``
     and ``pytest.importorskip`` behave as for the missing module itself.
+
+    Examples
+    --------
+    >>> issubclass(MissingExtraError, ImportError)
+    True
     """
 
 
@@ -26,6 +40,14 @@ def require_extra(module: str, extra: str, needed_by: str) -> None:
 
     ``extra`` is the ``mbe-helpers[...]`` extra that installs it and
     ``needed_by`` says what needs it (a module name or a feature).
+
+    Examples
+    --------
+    >>> require_extra("json", "core", "reading ledgers")        # installed: nothing happens
+    >>> require_extra("no_such_module", "torch", "mbe_helpers.train")
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MissingExtraError: mbe_helpers.train needs no_such_module, which is not installed; ...
     """
     top = module.split(".")[0]
     try:

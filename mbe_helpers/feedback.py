@@ -64,7 +64,18 @@ RULES = ("bp", "fa", "dfa", "dfa_penalized", "dfa_shuffled", "frozen")
 
 
 class Backprop:
-    """Ordinary backpropagation."""
+    """Ordinary backpropagation.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2)
+    >>> loss = Backprop().grads(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> loss.shape, model.blocks[0].fc1.weight.grad is not None
+    (torch.Size([]), True)
+    >>> Backprop().state_dict()
+    {'name': 'bp'}
+    """
 
     name = "bp"
 
@@ -78,7 +89,15 @@ class Backprop:
 
 
 class FrozenBlocks(Backprop):
-    """Backprop with the residual blocks frozen at initialisation (only embed / LN / head learn)."""
+    """Backprop with the residual blocks frozen at initialisation (only embed / LN / head learn).
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> model = FrozenBlocks().freeze(ResidualMLP(4, 8, 3, n_blocks=2))
+    >>> any(p.requires_grad for p in model.blocks.parameters()), model.out_head.weight.requires_grad
+    (False, True)
+    """
 
     name = "frozen"
 
@@ -129,6 +148,16 @@ class FeedbackAlignment:
     :math:`B` has the shape of :math:`W` and entries
     :math:`\mathcal N(0, 1/\text{fan\_in})`, drawn from ``seed`` the first time
     the model is seen.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import MLP
+    >>> model, rule = MLP(4, [8], 3), FeedbackAlignment(seed=0)
+    >>> loss = rule.grads(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> {name: tuple(b.shape) for name, b in rule.matrices.items()}
+    {'net.0': (8, 4), 'net.2': (3, 8)}
+    >>> model.net[0].weight.grad.shape
+    torch.Size([8, 4])
     """
 
     name = "fa"
@@ -222,6 +251,19 @@ class DirectFeedbackAlignment:
         \lVert f_l(h_i)\rVert^2` on every residual branch (0 = vanilla DFA).
     shuffle : bool
         Redraw every :math:`B_l` at every step (no consistent feedback direction).
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> model, rule = ResidualMLP(4, 8, 3, n_blocks=2), DirectFeedbackAlignment(seed=0)
+    >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    >>> loss = rule.grads(model, x, y)
+    >>> rule.name, [tuple(b.shape) for b in rule.matrices]
+    ('dfa', [(8, 3), (8, 3), (8, 3)])
+    >>> [tuple(a.shape) for a in rule.signals(model(x), y)]
+    [(5, 8), (5, 8), (5, 8)]
+    >>> DirectFeedbackAlignment(penalty=0.01).name, DirectFeedbackAlignment(shuffle=True).name
+    ('dfa_penalized', 'dfa_shuffled')
     """
 
     def __init__(self, seed: int = 0, penalty: float = 0.0, shuffle: bool = False):
@@ -265,7 +307,16 @@ class DirectFeedbackAlignment:
 
 
 def make_rule(name: str, *, seed: int = 0, penalty: float = 1e-2):
-    """A learning rule from its name: one of ``RULES``."""
+    """A learning rule from its name: one of ``RULES``.
+
+    Examples
+    --------
+    >>> {name: type(make_rule(name)).__name__ for name in ("bp", "fa", "dfa", "frozen")}
+    {'bp': 'Backprop', 'fa': 'FeedbackAlignment', 'dfa': 'DirectFeedbackAlignment',
+     'frozen': 'FrozenBlocks'}
+    >>> make_rule("dfa_penalized", penalty=0.1).penalty, make_rule("dfa_shuffled").shuffle
+    (0.1, True)
+    """
     if name == "bp":
         return Backprop()
     if name == "frozen":
@@ -286,7 +337,19 @@ def make_rule(name: str, *, seed: int = 0, penalty: float = 1e-2):
 # --------------------------------------------------------------------------- #
 
 def save_checkpoint(path: str | Path, model: nn.Module, rule, **meta) -> None:
-    """Save model weights, the rule (with its feedback matrices) and plain metadata."""
+    """Save model weights, the rule (with its feedback matrices) and plain metadata.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> path = Path(tempfile.mkdtemp()) / "dfa.pt"
+    >>> model, rule = ResidualMLP(4, 8, 3, n_blocks=2), make_rule("dfa", seed=1)
+    >>> _ = rule.grads(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> save_checkpoint(path, model, rule, epoch=3)
+    >>> sorted(torch.load(path, weights_only=True))
+    ['meta', 'model', 'rule']
+    """
     torch.save({"model": model.state_dict(), "rule": rule.state_dict(), "meta": meta}, path)
 
 
@@ -316,6 +379,22 @@ def load_checkpoint(path: str | Path, model: nn.Module):
         executed), is not a checkpoint of :func:`save_checkpoint` (e.g. a
         plain state dict, or one whose rule has no name), or holds weights of
         another architecture.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> path = Path(tempfile.mkdtemp()) / "dfa.pt"
+    >>> model, rule = ResidualMLP(4, 8, 3, n_blocks=2), make_rule("dfa", seed=1)
+    >>> _ = rule.grads(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> save_checkpoint(path, model, rule, epoch=3)
+    >>> loaded, loaded_rule, meta = load_checkpoint(path, ResidualMLP(4, 8, 3, n_blocks=2))
+    >>> meta, loaded_rule.name, torch.equal(loaded_rule.matrices[1], rule.matrices[1])
+    ({'epoch': 3}, 'dfa', True)
+    >>> load_checkpoint(path, ResidualMLP(4, 16, 3, n_blocks=2))
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: the weights in ... do not fit this ResidualMLP (...
     """
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")

@@ -141,6 +141,17 @@ def per_sample_gram(model: nn.Module, x: Tensor, y: Tensor, *, loss: LossSpec = 
     -------
     Tensor
         D, shape (N, N), in ``dtype`` on the model's device.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import MLP
+    >>> _ = torch.manual_seed(0)
+    >>> model, x, y = MLP(4, [8], 3).eval(), torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    >>> gram = per_sample_gram(model, x, y)
+    >>> gram.shape, torch.allclose(gram, gram.T)
+    (torch.Size([6, 6]), True)
+    >>> torch.allclose(gram, per_sample_gram(model, x, y, method="func"), atol=1e-6)
+    True
     """
     _check_request(model, x, y, loss, dtype, method, chunk_size)
     with _full_float32(model):
@@ -163,6 +174,17 @@ def fim_metrics(model: nn.Module, x: Tensor, y: Tensor, *, loss: LossSpec = "cro
     dict
         The keys of :data:`FIM_KEYS` (floats, defined in :func:`gram_metrics`)
         and ``fim_reason``: empty, or why some values are NaN.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import MLP
+    >>> _ = torch.manual_seed(0)
+    >>> model, x, y = MLP(4, [8], 3).eval(), torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    >>> values = fim_metrics(model, x, y)
+    >>> set(FIM_KEYS) < set(values), values["fim_reason"]
+    (True, '')
+    >>> abs(values["fim_erank"] - 6 * values["fim_norm"]) < 1e-9   # fim_norm = erank / N
+    True
     """
     _check_floor(eig_floor)
     _check_request(model, x, y, loss, dtype, method, chunk_size)
@@ -220,6 +242,14 @@ def gram_metrics(gram: Tensor, *, eig_floor: float | None = None) -> dict[str, f
         For a gram that is not a tensor, not square with N >= 2, or holds NaN
         or infinite entries (:func:`fim_metrics` reports a diverged model's
         metrics as NaN with the reason instead).
+
+    Examples
+    --------
+    >>> values = gram_metrics(torch.eye(4, dtype=torch.float64))   # four orthogonal unit gradients
+    >>> values["fim_erank"], values["fim_norm"], values["fisher_trace"], values["fisher_condition"]
+    (4.0, 1.0, 4.0, 1.0)
+    >>> gram_metrics(torch.zeros(3, 3))["fim_reason"]
+    'all per-sample gradients are zero'
     """
     _check_floor(eig_floor)
     if not isinstance(gram, Tensor):

@@ -58,7 +58,16 @@ POLL_SECONDS = 0.2  # how often a runner looks for configs other runners finish
 
 @dataclass(frozen=True)
 class LogUniform:
-    """``exp(U(log low, log high))``; rounded to int when ``integer``."""
+    """``exp(U(log low, log high))``; rounded to int when ``integer``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> [f"{v:.1e}" for v in LogUniform(1e-4, 1e-1).sample(rng, 3)]
+    ['8.1e-03', '6.4e-04', '1.3e-04']
+    >>> LogUniform(100, 1000, integer=True).sample(rng, 3)
+    [104, 651, 818]
+    """
 
     low: float
     high: float
@@ -74,7 +83,16 @@ class LogUniform:
 
 @dataclass(frozen=True)
 class Uniform:
-    """``U(low, high)``; integers in ``[low, high]`` (inclusive) when ``integer``."""
+    """``U(low, high)``; integers in ``[low, high]`` (inclusive) when ``integer``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> Uniform(0, 9, integer=True).sample(rng, 5)
+    [8, 6, 5, 2, 3]
+    >>> [round(v, 2) for v in Uniform(0.0, 0.4).sample(rng, 3)]
+    [0.01, 0.33, 0.37]
+    """
 
     low: float
     high: float
@@ -91,7 +109,13 @@ class Uniform:
 
 @dataclass(frozen=True)
 class Choice:
-    """One of ``options``, uniformly."""
+    """One of ``options``, uniformly.
+
+    Examples
+    --------
+    >>> Choice(("adam", "sgd")).sample(np.random.default_rng(0), 4)
+    ['sgd', 'sgd', 'sgd', 'adam']
+    """
 
     options: tuple
 
@@ -145,6 +169,16 @@ def sample_configs(space: Mapping[str, Any], n: int, seed: int) -> pd.DataFrame:
     -------
     DataFrame
         One row per configuration, one column per space entry.
+
+    Examples
+    --------
+    >>> space = {"lr": LogUniform(1e-4, 1e-1), "width": Choice((16, 32)),
+    ...          "seed": {"uniform": [0, 99], "integer": True}, "epochs": 20}
+    >>> configs = sample_configs(space, 4, seed=0)
+    >>> configs.shape, configs.epochs.tolist()
+    ((4, 4), [20, 20, 20, 20])
+    >>> configs.width.tolist(), configs.seed.tolist()
+    ([32, 16, 16, 32], [10, 21, 3, 47])
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise MBEInputError(f"n must be a non-negative integer, got {n!r}")
@@ -189,7 +223,14 @@ def _canonical(value: Any) -> Any:
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
-    """Stable 16-hex-digit key of a config (SHA-256 of its canonical JSON)."""
+    """Stable 16-hex-digit key of a config (SHA-256 of its canonical JSON).
+
+    Examples
+    --------
+    >>> key = config_hash({"lr": 0.01, "width": 32})
+    >>> len(key), key == config_hash({"width": 32, "lr": 0.01})
+    (16, True)
+    """
     text = json.dumps(_canonical(_native(dict(config))), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -271,6 +312,15 @@ def append_records(path: str | Path, records: Sequence[Mapping[str, Any]]) -> No
 
     A process killed during the call leaves at most a partial last line,
     which readers ignore and the next append removes.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> ledger = Path(tempfile.mkdtemp()) / "ledger.jsonl"
+    >>> append_records(ledger, [{"config_hash": "a", "status": "ok", "acc": 0.9}])
+    >>> append_records(ledger, [{"config_hash": "b", "status": "failed"}])
+    >>> len(ledger.read_text().splitlines())
+    2
     """
     data = b"".join((json.dumps(_native(dict(r))) + "\n").encode() for r in records)
     if not data:
@@ -359,6 +409,18 @@ def read_ledger(path: str | Path) -> pd.DataFrame:
     Torn lines and lines that are not JSON objects are skipped with a warning;
     a last record that lost its newline is kept.  A missing file is refused
     (:class:`MBEInputError`) rather than read as an empty ledger.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> ledger = Path(tempfile.mkdtemp()) / "ledger.jsonl"
+    >>> append_records(ledger, [{"config_hash": "a", "status": "failed"},
+    ...                         {"config_hash": "b", "status": "ok"},
+    ...                         {"config_hash": "a", "status": "ok"}])
+    >>> read_ledger(ledger)[["config_hash", "status"]]
+      config_hash status
+    0           a     ok
+    1           b     ok
     """
     ledger = _ledger_path(path)
     if not ledger.exists():
@@ -368,7 +430,16 @@ def read_ledger(path: str | Path) -> pd.DataFrame:
 
 
 def ledger_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Ledger records as :func:`read_ledger` returns them: the latest row of every ``config_hash``."""
+    """Ledger records as :func:`read_ledger` returns them: the latest row of every ``config_hash``.
+
+    Examples
+    --------
+    >>> ledger_frame([{"config_hash": "a", "status": "failed"}, {"config_hash": "a", "status": "ok"},
+    ...               {"config_hash": "b", "status": "ok", "acc": 0.9}])
+      config_hash status  acc
+    0           a     ok  NaN
+    1           b     ok  0.9
+    """
     return _frame(list({row.get("config_hash"): row for row in records}.values()))
 
 
@@ -723,6 +794,20 @@ def run_grid(configs: pd.DataFrame | Sequence[Mapping[str, Any]], run_fn: RunFn,
         The latest ledger row of every config, in input order: ``config_hash``,
         ``status`` (``ok`` / ``diverged`` / ``failed``), the config, the record,
         ``attempts``, ``finished_at`` and, for failures, ``error``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> ledger = Path(tempfile.mkdtemp()) / "ledger.jsonl"
+    >>> def square(config):
+    ...     return {"y": config["x"] ** 2}
+    >>> runs = run_grid([{"x": 1}, {"x": 2}], square, ledger, progress=False)
+    >>> runs[["x", "y", "status"]]
+       x  y status
+    0  1  1     ok
+    1  2  4     ok
+    >>> run_grid([{"x": 2}, {"x": 3}], square, ledger, progress=False).y.tolist()  # x = 2 reused
+    [4, 9]
     """
     ledger = _ledger_path(ledger_path)
     if ledger.suffix.lower() == ".csv":

@@ -36,7 +36,15 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 def make_activation(name: str) -> nn.Module:
-    """Return a fresh activation module from its name (``tanh``, ``relu``, ``gelu``)."""
+    """Return a fresh activation module from its name (``tanh``, ``relu``, ``gelu``).
+
+    Examples
+    --------
+    >>> make_activation("gelu")
+    GELU(approximate='none')
+    >>> make_activation("tanh")(torch.zeros(2)).tolist()
+    [0.0, 0.0]
+    """
     if name not in ACTIVATIONS:
         raise MBEInputError(f"unknown activation {name!r}; choose one of "
                             f"{', '.join(ACTIVATIONS)}")
@@ -89,6 +97,15 @@ class MLP(nn.Module):
     activation : {"tanh", "relu", "gelu"}
     dropout : float
         Dropout probability after every hidden activation (0 disables it).
+
+    Examples
+    --------
+    >>> _ = torch.manual_seed(0)
+    >>> model = MLP(in_dim=4, widths=[8, 8], out_dim=3)
+    >>> model(torch.randn(5, 4)).shape
+    torch.Size([5, 3])
+    >>> len(model.net)
+    5
     """
 
     def __init__(self, in_dim: int, widths: Sequence[int], out_dim: int,
@@ -114,6 +131,12 @@ class SmallCNN(nn.Module):
 
     ``image_shape`` is ``(C, H, W)``; flat inputs are reshaped to it.  Global
     average pooling before the head makes the model size independent of H, W.
+
+    Examples
+    --------
+    >>> model = SmallCNN(image_shape=(1, 8, 8), n_classes=10, channels=(4, 8))
+    >>> model(torch.zeros(2, 64)).shape, model(torch.zeros(2, 1, 16, 16)).shape
+    (torch.Size([2, 10]), torch.Size([2, 10]))
     """
 
     def __init__(self, image_shape: Sequence[int] = (1, 8, 8), n_classes: int = 10,
@@ -135,7 +158,14 @@ class SmallCNN(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Pre-LN residual branch ``f(h) = W2 act(W1 LN(h))``; the caller adds ``h``."""
+    """Pre-LN residual branch ``f(h) = W2 act(W1 LN(h))``; the caller adds ``h``.
+
+    Examples
+    --------
+    >>> block = ResidualBlock(width=6, hidden=12)
+    >>> block(torch.zeros(3, 6)).shape
+    torch.Size([3, 6])
+    """
 
     def __init__(self, width: int, hidden: int, activation: str = "gelu"):
         super().__init__()
@@ -165,6 +195,13 @@ class ResidualMLP(nn.Module):
     hidden : int, optional
         Hidden width of each block (default ``width``).
     activation : {"tanh", "relu", "gelu"}
+
+    Examples
+    --------
+    >>> model = ResidualMLP(in_dim=4, width=8, n_classes=3, n_blocks=2)
+    >>> logits, hidden = model(torch.randn(5, 4), return_hidden=True)
+    >>> logits.shape, len(hidden), hidden[-1].shape
+    (torch.Size([5, 3]), 3, torch.Size([5, 8]))
     """
 
     def __init__(self, in_dim: int, width: int, n_classes: int, n_blocks: int,
@@ -192,7 +229,14 @@ class ResidualMLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN transformer block: attention and MLP branches, each residual."""
+    """Pre-LN transformer block: attention and MLP branches, each residual.
+
+    Examples
+    --------
+    >>> block = TransformerBlock(width=8, n_heads=2)
+    >>> block(torch.zeros(2, 5, 8)).shape
+    torch.Size([2, 5, 8])
+    """
 
     def __init__(self, width: int, n_heads: int, mlp_ratio: int = 2):
         super().__init__()
@@ -216,6 +260,14 @@ class ViTMini(nn.Module):
     ``width`` features; a learned CLS token and positions are added; each
     block returns its residual update ``f_l(h)`` and ``forward`` adds it, as in
     ``ResidualMLP``; the head reads ``norm(h_L)[:, 0]``.
+
+    Examples
+    --------
+    >>> model = ViTMini(image_shape=(1, 8, 8), n_classes=10, patch=4, width=8, n_blocks=1)
+    >>> model.tokens(torch.zeros(2, 64)).shape
+    torch.Size([2, 5, 8])
+    >>> model(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
     """
 
     def __init__(self, image_shape: Sequence[int] = (1, 8, 8), n_classes: int = 10,

@@ -21,6 +21,20 @@ def audit_figure(result, metric: str | None = None, group: str = "all"):
     fit), annotated with raw and partial rho.  Right: the absolute raw and
     partial rho of every metric in ``group``, with bootstrap intervals when the audit has
     them and the effect / washout thresholds drawn.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> from mbe_helpers.audit import audit
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.normal(size=30)
+    >>> runs = pd.DataFrame({"b": b, "m": b + rng.normal(0, .3, 30),
+    ...                      "y": b + rng.normal(0, .3, 30)})
+    >>> fig = audit_figure(audit(runs, "m", "y", "b", adjust="rank"))
+    >>> type(fig).__name__, len(fig.axes)
+    ('Figure', 2)
+    >>> plt.close(fig)
     """
     rows = result.table[result.table.group == group]
     metric = metric or rows.metric.iloc[0]
@@ -77,6 +91,15 @@ def plot_esd(model, conv: str = "flatten", *, layers=None, min_tail: int = 10, b
     dashed; the title gives alpha and its phenomenology bin, or why there is
     no fit.  ``model``, ``conv`` and ``min_tail`` are as in
     :func:`mbe_helpers.spectral.weight_spectra`; ``layers`` picks panels by name.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> rng = np.random.default_rng(0)
+    >>> fig = plot_esd({"fc1": rng.normal(size=(64, 32))})
+    >>> fig.axes[0].get_title()
+    'fc1: α = 3.38 (moderately heavy-tailed)'
+    >>> plt.close(fig)
     """
     from mbe_helpers.errors import MBEInputError
     from mbe_helpers.spectral import fit_power_law, layer_esds
@@ -130,6 +153,19 @@ def acid_test_figure(frame, metrics, target: str = "test_acc", probes=("capacity
     One row per variable (``target`` first), one column per probe; every seed
     is a point, the line joins the means over seeds.  ``frame`` is
     :func:`mbe_helpers.chapters.acid_test.acid_test_frame`'s output.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> frame = pd.DataFrame({"probe": ["capacity"] * 4 + ["noise"] * 4,
+    ...                       "condition": [100, 100, 1000, 1000, 0.0, 0.0, 0.4, 0.4],
+    ...                       "test_acc": [0.80, 0.82, 0.95, 0.94, 0.94, 0.95, 0.70, 0.72],
+    ...                       "fim_norm": [0.30, 0.32, 0.20, 0.21, 0.20, 0.22, 0.40, 0.38]})
+    >>> fig = acid_test_figure(frame, ["fim_norm"])
+    >>> [ax.get_title() for ax in fig.axes[:2]], len(fig.axes)      # one row per variable
+    (['capacity probe', 'noise probe'], 4)
+    >>> plt.close(fig)
     """
     rows = [target, *metrics]
     fig, axes = plt.subplots(len(rows), len(probes), figsize=(4.6 * len(probes), 2.3 * len(rows)),
@@ -157,6 +193,19 @@ def rho_forest_figure(table, metrics=None):
 
     ``table`` is :func:`mbe_helpers.chapters.acid_test.acid_test`'s output; filled
     markers are significant results, hollow ones are not.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> table = pd.DataFrame({"probe": ["capacity", "noise"] * 2,
+    ...                       "metric": ["fim_norm"] * 2 + ["sci"] * 2,
+    ...                       "rho": [-0.8, -0.7, 0.1, 0.3], "lo": [-0.9, -0.85, -0.3, -0.1],
+    ...                       "hi": [-0.6, -0.5, 0.5, 0.6], "significant": [True, True, False, False]})
+    >>> fig = rho_forest_figure(table)
+    >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    ['fim_norm', 'sci']
+    >>> plt.close(fig)
     """
     metrics = list(dict.fromkeys(table.metric)) if metrics is None else list(metrics)
     probes = list(dict.fromkeys(table.probe))
@@ -183,7 +232,21 @@ def rho_forest_figure(table, metrics=None):
 
 def design_figure(configs, columns, hue: str | None = "optimizer",
                   log_columns=("lr", "weight_decay", "n_train")):
-    """Pair plot of a sampled design; ``log_columns`` are drawn as log10."""
+    """Pair plot of a sampled design; ``log_columns`` are drawn as log10.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> configs = pd.DataFrame({"lr": 10 ** rng.uniform(-4, -1, 20),
+    ...                         "width": rng.choice([16, 32], 20),
+    ...                         "optimizer": rng.choice(["adam", "sgd"], 20)})
+    >>> fig = design_figure(configs, ["lr", "width"], hue="optimizer")
+    >>> type(fig).__name__, sorted({ax.get_xlabel() for ax in fig.axes} - {""})
+    ('Figure', ['log10 lr', 'width'])
+    >>> plt.close(fig)
+    """
     data = configs[list(dict.fromkeys([*columns, *([hue] if hue else [])]))].copy()
     for name in log_columns:
         if name in data and name in columns:
@@ -199,6 +262,19 @@ def baseline_figure(summary, audits=("baseline", "design", "both"), labels=None,
 
     ``summary`` is :func:`mbe_helpers.chapters.grid.audit_summary`'s output; the
     dashed lines are the effect threshold, the dotted ones the washout threshold.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> summary = pd.DataFrame({"metric": ["fim_norm", "random_metric"], "raw_r": [-0.6, 0.05],
+    ...                         "raw_lo": [-0.7, -0.2], "raw_hi": [-0.5, 0.3]})
+    >>> for name, value in (("baseline", 0.02), ("design", -0.3), ("both", 0.01)):
+    ...     summary[f"partial_{name}"] = [value, 0.0]
+    >>> fig = baseline_figure(summary)
+    >>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    ['raw', 'partial | baseline', 'partial | design', 'partial | both']
+    >>> plt.close(fig)
     """
     labels = dict(labels or {})
     metrics = list(summary.metric)
@@ -232,6 +308,19 @@ def temporal_figure(temporal, highlight=("fim_norm",), effect: float = 0.2):
     ``temporal`` is :func:`mbe_helpers.chapters.grid.temporal_audit`'s output.
     Metrics in ``highlight`` are drawn thick with their bootstrap band (when
     present); the others are thin lines.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> temporal = pd.DataFrame({"epoch": [5, 10, 20] * 2, "metric": ["fim_norm"] * 3 + ["sci"] * 3,
+    ...                          "partial_r": [0.3, 0.1, 0.0, 0.1, 0.2, 0.1],
+    ...                          "partial_lo": [0.1, -0.1, -0.2, -0.1, 0.0, -0.1],
+    ...                          "partial_hi": [0.5, 0.3, 0.2, 0.3, 0.4, 0.3]})
+    >>> fig = temporal_figure(temporal, highlight=("fim_norm",))
+    >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    ['5', '10', '20']
+    >>> plt.close(fig)
     """
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     others = [m for m in dict.fromkeys(temporal.metric) if m not in highlight]
@@ -287,6 +376,19 @@ def credit_layers_figure(summary, measures=("rho", "bp_cosine", "nudge")):
     ``summary`` stacks :func:`mbe_helpers.residual.seed_intervals` tables
     with a ``measure`` column; controls are drawn black dashed (positive) and
     grey dotted (negative).
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> summary = pd.DataFrame({"condition": ["positive", "negative", "dfa"] * 2, "measure": "rho",
+    ...                         "layer": [0, 0, 0, 1, 1, 1],
+    ...                         "mean": [1.0, 0.0, 0.5, 0.99, 0.02, 0.3]})
+    >>> summary = summary.assign(ci_lo=summary["mean"] - 0.05, ci_hi=summary["mean"] + 0.05)
+    >>> fig = credit_layers_figure(summary, measures=("rho",))
+    >>> fig.axes[0].get_ylabel()
+    'perturbation correlation ρ'
+    >>> plt.close(fig)
     """
     conditions = list(dict.fromkeys(summary.condition))
     colours = _condition_colours(conditions)
@@ -317,6 +419,21 @@ def calibrated_scale_figure(deep, placed, per_layer, floor_units: float = 3.0):
     negative control's mean ± ``floor_units`` of its spread over seeds.
     Right: ``fraction_of_ceiling`` of every condition at every stream state
     (``per_layer`` from :func:`mbe_helpers.credit.calibrated_scale`).
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> from mbe_helpers.credit import calibrated_scale
+    >>> from mbe_helpers.residual import seed_intervals
+    >>> table = pd.DataFrame({"condition": ["positive", "negative", "dfa"] * 3, "layer": 1,
+    ...                       "seed": np.repeat([0, 1, 2], 3), "layers": "1-1",
+    ...                       "rho": [0.95, 0.01, 0.3, 0.97, -0.02, 0.35, 0.99, 0.03, 0.4]})
+    >>> placed = seed_intervals(table, "rho", by=("condition",))
+    >>> fig = calibrated_scale_figure(table, placed, calibrated_scale(table))
+    >>> len(fig.axes)                                   # the scale, the heatmap and its colour bar
+    3
+    >>> plt.close(fig)
     """
     conditions = list(placed.condition)
     colours = _condition_colours(conditions)
@@ -353,6 +470,19 @@ def sensitivity_figure(sweep):
 
     ``sweep`` stacks :func:`mbe_helpers.chapters.credit_calibration.sensitivity` tables; one
     line per condition and precision.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> sweep = pd.DataFrame({"condition": "positive", "dtype": "float64",
+    ...                       "sweep": ["eps"] * 4 + ["M"] * 4, "repeat": [0, 1] * 4,
+    ...                       "value": [1e-4, 1e-4, 1e-1, 1e-1, 1, 1, 16, 16],
+    ...                       "rho": [0.99, 0.98, 0.7, 0.72, 0.9, 0.6, 0.98, 0.97]})
+    >>> fig = sensitivity_figure(sweep)
+    >>> [ax.get_xlabel() for ax in fig.axes]
+    ['perturbation size ε', 'directions per sample M']
+    >>> plt.close(fig)
     """
     data = sweep.assign(series=sweep.condition + " (" + sweep.dtype + ")")
     fig, axes = _grid_subplots(1, 2, figsize=(11, 3.8), sharey=True)
@@ -373,6 +503,19 @@ def stream_norms_figure(layers, grad_floor: float = 1e-7):
     ``layers`` is :meth:`mbe_helpers.chapters.fa_diagnostics.DiagnosticRuns.layers`; the
     line is the mean over seeds, the band their range; log scale, with the
     BP-gradient floor drawn.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> layers = pd.DataFrame({"method": ["bp"] * 3 + ["dfa"] * 3, "seed": 0,
+    ...                        "layer": [0, 1, 2] * 2,
+    ...                        "residual_norm": [1.0, 1.5, 2.0, 1.0, 10.0, 90.0],
+    ...                        "bp_grad_norm": [1e-2, 1e-2, 1e-2, 1e-3, 1e-5, 1e-8]})
+    >>> fig = stream_norms_figure(layers)
+    >>> [ax.get_yscale() for ax in fig.axes]
+    ['log', 'log']
+    >>> plt.close(fig)
     """
     fig, axes = _grid_subplots(1, 2, figsize=(11.5, 4))
     palette = dict(zip(dict.fromkeys(layers.method), sns.color_palette("deep", layers.method.nunique())))
@@ -395,6 +538,17 @@ def stability_figure(accuracy, ceiling: float = 0.30):
     ``accuracy`` is :meth:`mbe_helpers.chapters.fa_diagnostics.DiagnosticRuns.accuracy`
     (its ``stability`` column is the value at the judged state); points are
     seeds, the bar their mean.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> accuracy = pd.DataFrame({"method": ["bp", "bp", "dfa", "dfa"], "seed": [0, 1] * 2,
+    ...                          "stability": [0.05, 0.08, 0.6, 0.5], "stability_layer": 2})
+    >>> fig = stability_figure(accuracy, ceiling=0.3)
+    >>> fig.axes[0].get_ylabel()
+    'mean pairwise cosine at $h_2$'
+    >>> plt.close(fig)
     """
     fig, ax = _grid_subplots(figsize=(7.5, 3.8))
     order = list(dict.fromkeys(accuracy.method))
@@ -417,6 +571,19 @@ def frozen_margin_figure(accuracy, shallow=None, margin: float = 0.02):
     without deep blocks (``shallow``, :func:`mbe_helpers.chapters.fa_diagnostics.shallow_baselines`)
     for reference.  Right: accuracy minus the frozen baseline of the same
     seed, in percentage points, with the required margin drawn.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> accuracy = pd.DataFrame({"method": ["bp", "bp", "dfa", "dfa"], "seed": [0, 1] * 2,
+    ...                          "test_acc": [0.95, 0.96, 0.90, 0.91],
+    ...                          "margin": [0.10, 0.10, 0.01, 0.0]})
+    >>> shallow = pd.DataFrame({"model": ["linear"], "seed": [0], "test_acc": [0.88]})
+    >>> fig = frozen_margin_figure(accuracy, shallow, margin=0.02)
+    >>> [ax.get_ylabel() for ax in fig.axes]
+    ['test accuracy', 'accuracy − frozen baseline (pp)']
+    >>> plt.close(fig)
     """
     import pandas as pd
 

@@ -84,6 +84,18 @@ class FimProbe:
     ---------------------
     dict
         :data:`mbe_helpers.fisher.FIM_KEYS` and ``fim_reason``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mbe_helpers.models import MLP
+    >>> _ = torch.manual_seed(0)
+    >>> probe = FimProbe(n_samples=8)
+    >>> probe.rows(20)
+    array([ 0,  1,  4,  5,  7,  8, 11, 19])
+    >>> values = probe(MLP(4, [8], 3).eval(), (torch.randn(20, 4), torch.randint(0, 3, (20,))))
+    >>> 0 < values["fim_norm"] <= 1, values["fim_reason"]
+    (True, '')
     """
 
     def __init__(self, n_samples: int = FIM_SAMPLES, seed: int = 0, dtype: str = "float32"):
@@ -121,6 +133,15 @@ def weight_spectrum(model, batch=None) -> dict[str, float]:
     :math:`\\alpha_l \\ln \\lambda_{\\max,l}` (NaN when no layer has a tail of
     at least 10 eigenvalues), ``alpha_mean`` the mean fitted exponent.  The
     batch is ignored: weights need no data.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mbe_helpers.models import MLP
+    >>> _ = torch.manual_seed(0)
+    >>> values = weight_spectrum(MLP(64, [32], 10))
+    >>> sorted(values), round(values["sci"], 2)
+    (['alpha_hat', 'alpha_mean', 'sci', 'weight_stable_rank'], 0.94)
     """
     from mbe_helpers.spectral import spectral_metrics
 
@@ -131,7 +152,17 @@ def weight_spectrum(model, batch=None) -> dict[str, float]:
 
 def weight_norm(model, batch=None) -> dict[str, float]:
     r"""``weight_norm`` :math:`= \lVert\theta\rVert_2 = (\sum_p \lVert p \rVert_F^2)^{1/2}`
-    over all trainable parameters (weights and biases); the batch is ignored."""
+    over all trainable parameters (weights and biases); the batch is ignored.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.Linear(3, 1)
+    >>> for p in layer.parameters():
+    ...     _ = torch.nn.init.ones_(p)
+    >>> weight_norm(layer)   # sqrt(3 weights + 1 bias)
+    {'weight_norm': 2.0}
+    """
     total = sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()
                 if p.requires_grad)
     return {"weight_norm": math.sqrt(total)}
@@ -144,6 +175,17 @@ class RandomMetric:
     every parameter, so it is reproducible (the same weights give the same
     value) but, like any good hash, independent of every property of the
     weights.  Two different ``seed`` values give independent controls.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = torch.nn.Linear(3, 1)
+    >>> control = RandomMetric(seed=0)
+    >>> value = control(layer)["random_metric"]
+    >>> 0 <= value < 1, control(layer)["random_metric"] == value
+    (True, True)
+    >>> RandomMetric(seed=1)(layer)["random_metric"] == value
+    False
     """
 
     def __init__(self, seed: int = 0, name: str = NEGATIVE_CONTROL):
@@ -172,6 +214,12 @@ def probe_battery(fim_samples: int = FIM_SAMPLES, seed: int = 0) -> dict[str, An
     (:func:`weight_spectrum`), ``norm`` (:func:`weight_norm`) and ``random``
     (:class:`RandomMetric` with ``seed``).  Together they report the columns
     of :data:`BATTERY` (plus the other FIM keys, ``alpha_mean`` and ``fim_reason``).
+
+    Examples
+    --------
+    >>> battery = probe_battery(fim_samples=64, seed=0)
+    >>> sorted(battery), battery["fim"]
+    (['fim', 'norm', 'random', 'spectrum'], FimProbe(n_samples=64, seed=0, dtype='float32'))
     """
     return {"fim": FimProbe(fim_samples, seed=seed), "spectrum": weight_spectrum,
             "norm": weight_norm, "random": RandomMetric(seed)}
@@ -194,6 +242,14 @@ class BatteryRun:
     in process, on any ``concurrent.futures`` executor or on Dask.  Models
     are trained one at a time: the battery costs more than training these
     small models, so stacking them into an ensemble does not pay.
+
+    Examples
+    --------
+    >>> config = {"n_train": 100, "width": 8, "depth": 1, "epochs": 2, "probe_epochs": [2],
+    ...           "fim_samples": 16}
+    >>> record = BatteryRun()(config)
+    >>> record["status"], [c for c in BATTERY if f"{c}@2" not in record]
+    ('ok', [])
     """
 
     def __init__(self, probe_split: str = "val"):
@@ -227,6 +283,20 @@ def run_with_ledger(configs: pd.DataFrame, run_fn, ledger_path, *, executor: Any
     When the environment variable ``MBE_TRACK`` is ``mlflow://EXPERIMENT`` (as
     ``mbe-book run CHAPTER --track mlflow://EXPERIMENT`` sets it), the grid's
     runs are also logged there, at ``MLFLOW_TRACKING_URI``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> ledger = Path(tempfile.mkdtemp()) / "ledger.jsonl"
+    >>> def square(config):
+    ...     return {"y": config["x"] ** 2}
+    >>> configs = pd.DataFrame({"x": [1, 2, 3]})
+    >>> runs, reused = run_with_ledger(configs, square, ledger)
+    >>> runs.y.tolist(), reused
+    ([1, 4, 9], 0)
+    >>> run_with_ledger(configs, square, ledger)[1]
+    3
     """
     import os
     from pathlib import Path
@@ -243,5 +313,13 @@ def run_with_ledger(configs: pd.DataFrame, run_fn, ledger_path, *, executor: Any
 
 
 def columns_at(metrics: Sequence[str], epoch: int | str) -> list[str]:
-    """Ledger column names ``<metric>@<epoch>``."""
+    """Ledger column names ``<metric>@<epoch>``.
+
+    Examples
+    --------
+    >>> columns_at(["fim_norm", "sci"], 20)
+    ['fim_norm@20', 'sci@20']
+    >>> columns_at(["val_loss"], 0)
+    ['val_loss@0']
+    """
     return [f"{m}@{epoch}" for m in metrics]

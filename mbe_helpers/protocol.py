@@ -66,6 +66,13 @@ class Thresholds:
     frozen_margin : float
         (d) the method must beat the frozen-blocks baseline by this many
         accuracy points, as a fraction (0.02 = 2 percentage points).
+
+    Examples
+    --------
+    >>> Thresholds()
+    Thresholds(grad_floor=1e-07, max_growth=50.0, stability_ceiling=0.3, frozen_margin=0.02)
+    >>> Thresholds(grad_floor=1e-6).grad_floor
+    1e-06
     """
 
     grad_floor: float = 1e-7
@@ -80,14 +87,33 @@ def _cls(t: torch.Tensor) -> torch.Tensor:
 
 
 def residual_norms(model, x: torch.Tensor) -> list[float]:
-    r"""(a) Median over the batch of :math:`\lVert h_l\rVert_2`, for l = 0..L."""
+    r"""(a) Median over the batch of :math:`\lVert h_l\rVert_2`, for l = 0..L.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> norms = residual_norms(ResidualMLP(4, 8, 3, n_blocks=2), torch.randn(16, 4))
+    >>> len(norms), all(n > 0 for n in norms)
+    (3, True)
+    """
     with torch.no_grad():
         hidden, _ = forward_stream(model, x)
     return [float(_cls(h).norm(dim=-1).median()) for h in hidden]
 
 
 def bp_grad_norms(model, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    r"""(b) Median over the batch of :math:`\lVert \partial L/\partial h_l\rVert_2`, for l = 0..L."""
+    r"""(b) Median over the batch of :math:`\lVert \partial L/\partial h_l\rVert_2`, for l = 0..L.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2)
+    >>> norms = bp_grad_norms(model, torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    >>> len(norms), all(0 < n < 1 for n in norms)
+    (3, True)
+    """
     _, grads, _ = stream_gradients(model, x, y)
     return [float(_cls(g).norm(dim=-1).median()) for g in grads]
 
@@ -99,6 +125,18 @@ def direction_stability(model, batches: Sequence[tuple[torch.Tensor, torch.Tenso
     with :math:`\bar g_b` the mean over the batch of :math:`\partial L/\partial h_l`;
     the value is :math:`\frac{2}{B(B-1)}\sum_{b<c} u_b^\top u_c`.  A batch whose
     mean gradient is exactly zero has no direction and makes the value NaN.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2)
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> stability = direction_stability(model, [(x[:16], y[:16]), (x[16:], y[16:])])
+    >>> len(stability), all(-1 <= s <= 1 for s in stability)
+    (3, True)
+    >>> round(direction_stability(model, [(x, y), (x, y)])[1], 6)   # identical batches
+    1.0
     """
     if len(batches) < 2:
         raise MBEInputError(f"direction stability needs at least 2 disjoint batches, got {len(batches)}")
@@ -116,7 +154,24 @@ def direction_stability(model, batches: Sequence[tuple[torch.Tensor, torch.Tenso
 
 @dataclass
 class Diagnosis:
-    """Every value of the protocol, a verdict per diagnostic and an overall verdict."""
+    """Every value of the protocol, a verdict per diagnostic and an overall verdict.
+
+    Examples
+    --------
+    >>> d = Diagnosis("dfa", residual_norms=[1.0, 2.0, 200.0], bp_grad_norms=[1e-3, 1e-4, 1e-5],
+    ...               stability=[0.1, 0.5, 0.2], stability_layer=1, headline_acc=0.90,
+    ...               frozen_baseline_acc=0.89)
+    >>> d.max_growth
+    100.0
+    >>> d.verdict
+    'not at face value: a_residual_growth, c_direction_stability, d_frozen_baseline'
+    >>> d.to_frame()[["diagnostic", "state"]]
+                  diagnostic  state
+    0      a_residual_growth  fires
+    1    b_bp_gradient_floor     ok
+    2  c_direction_stability  fires
+    3      d_frozen_baseline  fires
+    """
 
     method: str
     residual_norms: list[float]
@@ -313,6 +368,19 @@ def diagnose(model, eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], h
         ``blocks`` is not a list, batches that are not ``(x, y)`` tensor pairs,
         non-finite inputs, labels outside the model's outputs, inputs the model
         cannot take, and accuracies or a ``stability_layer`` out of range.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2)
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    >>> report = diagnose(model, batches, headline_acc=0.40, method="bp")
+    >>> report.stability_layer, list(report.verdicts)
+    (1, ['a_residual_growth', 'b_bp_gradient_floor', 'c_direction_stability', 'd_frozen_baseline'])
+    >>> report.verdicts["d_frozen_baseline"]
+    ('skipped', 'no frozen-blocks accuracy given')
     """
     check_contract(model)
     headline_acc = _check_accuracy("headline_acc", headline_acc)

@@ -76,6 +76,17 @@ MEASURES = ("rho", "bp_cosine", "nudge")
 
 
 def check_names(given: Iterable[str], known: Sequence[str], what: str) -> list[str]:
+    """Refuse an empty list or unknown names in one sentence; return the names, each once.
+
+    Examples
+    --------
+    >>> check_names(["dfa", "fa", "dfa"], CONDITIONS, "condition")
+    ['dfa', 'fa']
+    >>> check_names(["bp"], CONDITIONS, "condition")
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown condition(s) bp; choose from positive, negative, fa, ...
+    """
     given = list(given)
     if not given:
         raise MBEInputError(f"give at least one {what}; choose from {', '.join(known)}")
@@ -86,6 +97,17 @@ def check_names(given: Iterable[str], known: Sequence[str], what: str) -> list[s
 
 
 def check_seeds(seeds: Iterable[int]) -> list[int]:
+    """The seeds as a list of ints; one sentence unless they are distinct non-negative integers.
+
+    Examples
+    --------
+    >>> check_seeds((0, 1, 2))
+    [0, 1, 2]
+    >>> check_seeds([0, 0])
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: seeds must be a non-empty list of distinct ... got [0, 0]
+    """
     seeds = list(seeds)
     ok = all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seeds)
     if not seeds or not ok or len(set(seeds)) != len(seeds):
@@ -94,6 +116,16 @@ def check_seeds(seeds: Iterable[int]) -> list[int]:
 
 
 def check_train_kw(train_kw: dict) -> None:
+    """Refuse, in one sentence, a training option :func:`train_residual` does not take.
+
+    Examples
+    --------
+    >>> check_train_kw({"width": 16, "epochs": 2})
+    >>> check_train_kw({"widht": 16})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown training option(s) widht; choose from model, width, ...
+    """
     unknown = sorted(set(train_kw) - set(TRAIN_KEYS))
     if unknown:
         raise MBEInputError(f"unknown training option(s) {', '.join(unknown)}; "
@@ -101,6 +133,16 @@ def check_train_kw(train_kw: dict) -> None:
 
 
 def check_measurement(eval_size: int, eps: float, n_directions: int) -> None:
+    """Refuse an ``eval_size`` below 2, an ``eps`` that is not positive or a non-positive ``n_directions``.
+
+    Examples
+    --------
+    >>> check_measurement(512, 1e-3, 32)
+    >>> check_measurement(512, 0.0, 32)
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: eps must be positive and n_directions a positive integer, ...
+    """
     if not (isinstance(eval_size, int) and eval_size >= 2):
         raise MBEInputError(f"eval_size must be an integer of at least 2, got {eval_size!r}")
     if not (eps > 0 and isinstance(n_directions, int) and n_directions >= 1):
@@ -109,14 +151,30 @@ def check_measurement(eval_size: int, eps: float, n_directions: int) -> None:
 
 
 def build_seeded(build, seed: int) -> nn.Module:
-    """Build a module from torch's global RNG seeded with ``seed``, leaving that RNG as it was."""
+    """Build a module from torch's global RNG seeded with ``seed``, leaving that RNG as it was.
+
+    Examples
+    --------
+    >>> state = torch.get_rng_state()
+    >>> a, b = (build_seeded(lambda: nn.Linear(2, 2), seed=0) for _ in range(2))
+    >>> torch.equal(a.weight, b.weight), torch.equal(state, torch.get_rng_state())
+    (True, True)
+    """
     with runtime.seeded(seed):
         return build()
 
 
 def residual_model(kind: str, data: Dataset, width: int, n_blocks: int) -> nn.Module:
     """``ResidualMLP(in, width, classes, n_blocks)`` or a ``ViTMini`` of the same width and depth
-    (:func:`mbe_helpers.models.make_model`)."""
+    (:func:`mbe_helpers.models.make_model`).
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=50)
+    >>> [type(residual_model(kind, data, width=16, n_blocks=2)).__name__ for kind in MODELS]
+    ['ResidualMLP', 'ViTMini']
+    """
     if kind not in MODELS:
         raise MBEInputError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
     return make_model(kind, data, width=width, depth=n_blocks)
@@ -137,6 +195,14 @@ def train_residual(rule_name: str, data: Dataset, *, model: str = "resmlp", widt
     (model, rule, record)
         The trained model in eval mode, the rule (with its feedback
         matrices) and :func:`mbe_helpers.train.train`'s flat record.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> model, rule, record = train_residual("dfa", data, width=16, n_blocks=2, epochs=2, seed=0)
+    >>> type(model).__name__, rule.name, len(rule.matrices), record["status"], model.training
+    ('ResidualMLP', 'dfa', 3, 'ok', False)
     """
     rule = feedback.make_rule(rule_name, seed=seed, penalty=penalty)
     kind = model
@@ -161,6 +227,20 @@ def credit_signals(condition: str, model, rule, x: torch.Tensor, y: torch.Tensor
       matrices, :math:`\delta_{h_L} = J_{\mathrm{LN}}^\top B_{\mathrm{head}}^\top e`,
       :math:`\delta_{h_l} = \delta_{h_{l+1}} + J^{\mathrm{FA}\top}_{f_l} \delta_{h_{l+1}}`
       (every linear map's :math:`W^\top` replaced by its :math:`B`).
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> model, rule, _ = train_residual("dfa", data, width=16, n_blocks=2, epochs=1, seed=0)
+    >>> model64, rule64 = measurement_copy(model, rule)
+    >>> x, y = eval_set(data, 8)
+    >>> [tuple(a.shape) for a in credit_signals("dfa", model64, rule64, x, y)]
+    [(8, 16), (8, 16), (8, 16)]
+    >>> credit_signals("fa", model64, rule64, x, y)
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: condition 'fa' needs the FeedbackAlignment rule ...
     """
     if condition == "positive":
         return credit.bp_signals(model, x, y)
@@ -183,7 +263,17 @@ def credit_signals(condition: str, model, rule, x: torch.Tensor, y: torch.Tensor
 
 
 def measurement_copy(model, rule, dtype: torch.dtype = torch.float64):
-    """CPU copies of the model and of the rule's feedback matrices in ``dtype``."""
+    """CPU copies of the model and of the rule's feedback matrices in ``dtype``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> model, rule, _ = train_residual("dfa", data, width=16, n_blocks=2, epochs=1, seed=0)
+    >>> model64, rule64 = measurement_copy(model, rule)
+    >>> model64.embed.weight.dtype, rule64.matrices[0].dtype, rule.matrices[0].dtype
+    (torch.float64, torch.float64, torch.float32)
+    """
     twin_model = copy.deepcopy(model).to("cpu", dtype).eval()
     twin_rule = copy.copy(rule)
     matrices = getattr(rule, "matrices", None)
@@ -195,7 +285,15 @@ def measurement_copy(model, rule, dtype: torch.dtype = torch.float64):
 
 
 def eval_set(data: Dataset, eval_size: int, dtype: torch.dtype = torch.float64):
-    """The first ``eval_size`` test samples on the CPU."""
+    """The first ``eval_size`` test samples on the CPU.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> x, y = eval_set(load_dataset("digits", n_train=100), 8)
+    >>> tuple(x.shape), x.dtype, y.tolist()
+    ((8, 64), torch.float64, [0, 1, 6, 0, 1, 5, 0, 5])
+    """
     return data.x_test[:eval_size].to("cpu", dtype), data.y_test[:eval_size].cpu()
 
 
@@ -206,6 +304,16 @@ def measure_condition(condition: str, model, rule, x: torch.Tensor, y: torch.Ten
     Runs :func:`mbe_helpers.credit.measure_layers` on a float64 CPU copy.
     The random directions use ``seed`` (+ layer), the negative control's
     vector ``10_000 + seed``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> model, rule, _ = train_residual("bp", data, width=16, n_blocks=2, epochs=1, seed=0)
+    >>> x, y = eval_set(data, 8)
+    >>> table = measure_condition("positive", model, rule, x, y, n_directions=8)
+    >>> table.layer.tolist(), bool((table.rho > 0.99).all()), bool((table.bp_cosine > 0.999).all())
+    ([0, 1, 2], True, True)
     """
     model64, rule64 = measurement_copy(model, rule)
     x64, y = x.to("cpu", torch.float64), y.cpu()
@@ -215,6 +323,13 @@ def measure_condition(condition: str, model, rule, x: torch.Tensor, y: torch.Ten
 
 
 def rule_of(condition: str) -> str:
+    """The learning rule whose network a condition is read on: both controls use the BP network.
+
+    Examples
+    --------
+    >>> rule_of("positive"), rule_of("negative"), rule_of("dfa_penalized")
+    ('bp', 'bp', 'dfa_penalized')
+    """
     return "bp" if condition in CONTROLS else condition
 
 
@@ -227,6 +342,15 @@ def seed_intervals(table: pd.DataFrame, value: str = "rho",
     is NaN when a group has a single row.  Groups keep their order of appearance.
 
     Returns ``*by, mean, sd, n, ci_lo, ci_hi``.
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"condition": ["dfa"] * 3 + ["fa"], "layer": 1,
+    ...                       "rho": [0.1, 0.2, 0.3, 0.5]})
+    >>> seed_intervals(table).round(3)
+      condition  layer  mean   sd  n  ci_lo  ci_hi
+    0       dfa      1   0.2  0.1  3 -0.048  0.448
+    1        fa      1   0.5  NaN  1    NaN    NaN
     """
     missing = [c for c in (value, *by) if c not in table.columns]
     if missing:
@@ -245,6 +369,15 @@ def deep_layer_table(table: pd.DataFrame, min_layer: int = 1) -> pd.DataFrame:
 
     A NaN at one layer makes that seed's mean NaN (it is not silently
     dropped).  The column ``layers`` names the range, e.g. ``"1-4"``.
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"condition": "dfa", "seed": [0, 0, 0, 1, 1, 1],
+    ...                       "layer": [0, 1, 2] * 2, "rho": [0.9, 0.2, 0.4, 0.8, 0.1, float("nan")]})
+    >>> deep_layer_table(table)
+      condition  seed  rho layers
+    0       dfa     0  0.3    1-2
+    1       dfa     1  NaN    1-2
     """
     deep = table[table["layer"] >= min_layer]
     if deep.empty:
@@ -257,7 +390,15 @@ def deep_layer_table(table: pd.DataFrame, min_layer: int = 1) -> pd.DataFrame:
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, lo, hi)`` of a t-interval over values (NaN bounds for a single value)."""
+    """``(mean, lo, hi)`` of a t-interval over values (NaN bounds for a single value).
+
+    Examples
+    --------
+    >>> [round(v, 3) for v in mean_ci([1.0, 2.0, 3.0])]
+    [2.0, -0.484, 4.484]
+    >>> mean_ci([5.0])
+    (5.0, nan, nan)
+    """
     v = np.asarray(list(values), dtype=float)
     if len(v) < 2:
         return (float(v.mean()) if len(v) else math.nan, math.nan, math.nan)

@@ -34,7 +34,14 @@ _RNG_LOCK = threading.RLock()   # guards torch's global RNG (model init, dropout
 
 # ---------------------------------------------------------------------- folders
 def is_book_root(path: Path) -> bool:
-    """True when ``path`` holds ``_toc.yml`` and a ``book/`` folder."""
+    """True when ``path`` holds ``_toc.yml`` and a ``book/`` folder.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> is_book_root(find_root()), is_book_root(Path(tempfile.mkdtemp()))
+    (True, False)
+    """
     return (path / "_toc.yml").is_file() and (path / "book").is_dir()
 
 

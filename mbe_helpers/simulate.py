@@ -82,6 +82,14 @@ def simulate_method_cases(n: int = 400, metric_noise: float = 0.5, target_noise:
     pandas.DataFrame
         Columns ``run, arch, early_loss, final_acc`` and the four metrics of
         :data:`EXPECTED_CLASSES`.
+
+    Examples
+    --------
+    >>> runs = simulate_method_cases(n=60, seed=0)
+    >>> runs.shape
+    (60, 8)
+    >>> list(runs.columns[4:])
+    ['loss_proxy', 'independent_signal', 'random_metric', 'simpson_metric']
     """
     rng = np.random.default_rng(seed)
     arch = rng.choice(list(ARCH_OFFSETS), size=n)
@@ -115,6 +123,17 @@ def compare_with_truth(classes: Mapping[str, str],
     -------
     pandas.DataFrame
         Index ``metric``; columns ``expected``, ``observed`` and ``as_expected``.
+
+    Examples
+    --------
+    >>> compare_with_truth({"loss_proxy": "washout", "independent_signal": "survives",
+    ...                     "random_metric": "survives"})
+                              expected  observed  as_expected
+    metric
+    loss_proxy                 washout   washout         True
+    independent_signal        survives  survives         True
+    random_metric        weak-or-mixed  survives        False
+    simpson_metric      sign-inversion   missing        False
     """
     frame = pd.DataFrame({"expected": pd.Series(dict(expected), dtype=object)})
     frame["observed"] = [classes.get(m, "missing") for m in frame.index]
@@ -135,6 +154,15 @@ class Scenario:
     the metric given ``controls`` (any rejection is a false one) and
     ``"signal"`` when it is not. ``cluster`` names the column of repeated
     configurations, when there is one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = SCENARIOS["u_proxy"]
+    >>> s.kind, s.controls, s.cluster
+    ('null', ('b',), None)
+    >>> s.generate(np.random.default_rng(0), 5).shape
+    (5, 3)
     """
 
     name: str

@@ -60,6 +60,18 @@ def read_runs(source: str | os.PathLike, *, tracking_uri: str | os.PathLike | No
         One row per run.  A ledger gives the columns of
         :func:`mbe_helpers.grid.read_ledger`; MLflow gives those of
         :func:`mbe_helpers.tracking.read_experiment`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> pd.DataFrame({"lr": [0.1, 0.01], "acc": [0.9, 0.8]}).to_csv(folder / "runs.csv", index=False)
+    >>> read_runs(folder / "runs.csv").acc.tolist()
+    [0.9, 0.8]
+    >>> read_runs(folder / "runs.xlsx")
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: cannot read runs from ...runs.xlsx: extension '.xlsx' is not a known format; ...
     """
     text = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(text, str) or not text.strip():
@@ -119,6 +131,15 @@ def read_csv(path: str | os.PathLike, separator: str | None = None) -> pd.DataFr
 
     Without ``separator`` it is sniffed from the header line (comma, semicolon,
     tab); a header that names a column twice is refused rather than renamed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "runs.csv"
+    >>> _ = path.write_text(chr(10).join(["lr;acc", "0.1;0.9", ""]))
+    >>> read_csv(path)
+        lr  acc
+    0  0.1  0.9
     """
     path = Path(path)
     try:

@@ -82,6 +82,12 @@ class PowerLawFit:
         Positive eigenvalues the fit saw.
     reason : str
         Empty, or why the fit is NaN.
+
+    Examples
+    --------
+    >>> fit = fit_power_law([1.0, 2.0, 3.0])
+    >>> fit.ok, fit.n, fit.reason
+    (False, 3, 'only 3 positive eigenvalue(s), fewer than min_tail=10')
     """
 
     alpha: float
@@ -138,6 +144,14 @@ def fit_power_law(eigenvalues, *, min_tail: int = MIN_TAIL) -> PowerLawFit:
     PowerLawFit
         NaN fields and a ``reason`` when fewer than ``min_tail`` positive
         values exist or all candidate tails are constant.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).pareto(2.0, 500) + 1.0   # density ~ x^-3 from x = 1
+    >>> fit = fit_power_law(x)
+    >>> round(fit.alpha, 1), fit.ok, fit.n
+    (2.9, True, 500)
     """
     values = _eigenvalue_array(eigenvalues)
     if not isinstance(min_tail, (int, np.integer)) or min_tail < 2:
@@ -206,6 +220,13 @@ def phenomenology(alpha: float) -> str:
     r"""The seed's label for a layer's tail exponent, binned on :math:`\mu = 2(\alpha - 1)`.
 
     See :data:`PHENOMENOLOGY` for the bins and what each predicts.
+
+    Examples
+    --------
+    >>> phenomenology(2.5), phenomenology(4.0), phenomenology(6.0)
+    ('heavy-tailed', 'moderately heavy-tailed', 'random-like')
+    >>> phenomenology(float("nan"))
+    'unfitted'
     """
     if alpha is None or not np.isfinite(alpha):
         return "unfitted"
@@ -239,6 +260,13 @@ def matrix_spectrum(blocks: np.ndarray, *, log_base: str = "e", min_tail: int = 
     -------
     dict
         The columns of :func:`weight_spectra` except ``layer``, ``kind`` and ``conv``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = matrix_spectrum(np.diag([3.0, 1.0, 1.0]))
+    >>> s["rank_max"], round(s["stable_rank"], 3), round(s["sci"], 3), s["reason"]
+    (3, 1.222, 0.862, 'only 3 positive eigenvalue(s), fewer than min_tail=10')
     """
     suffix = _log_suffix(log_base)
     arr = np.asarray(blocks)
@@ -319,6 +347,15 @@ def layer_weights(model, conv: str = "flatten") -> dict[str, tuple[str, np.ndarr
     (B = k_h k_w).  A mapping ``{name: array}`` holds 2-d (dense) or 4-d
     (convolution, (C_out, C_in, k_h, k_w)) arrays; anything else with
     ``named_modules`` is walked as a torch model for ``Linear`` and ``Conv2d``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w = layer_weights({"fc": np.ones((3, 4)), "conv": np.ones((8, 2, 3, 3))})
+    >>> {name: (kind, blocks.shape) for name, (kind, blocks) in w.items()}
+    {'fc': ('dense', (1, 3, 4)), 'conv': ('conv', (1, 8, 18))}
+    >>> layer_weights({"conv": np.ones((8, 2, 3, 3))}, conv="slices")["conv"][1].shape
+    (9, 8, 2)
     """
     if conv not in CONV_MODES:
         raise MBEInputError(f"unknown conv mode {conv!r}; choose 'flatten' or 'slices'.")
@@ -363,7 +400,14 @@ def _conv_blocks(w: np.ndarray, conv: str) -> np.ndarray:
 
 
 def layer_esds(model, conv: str = "flatten") -> dict[str, np.ndarray]:
-    r"""Eigenvalues :math:`\sigma_k^2 / N` (above the rank tolerance) of every layer, descending."""
+    r"""Eigenvalues :math:`\sigma_k^2 / N` (above the rank tolerance) of every layer, descending.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> layer_esds({"w": np.diag([3.0, 1.0, 0.0])})["w"]
+    array([3.        , 0.33333333])
+    """
     out = {}
     for name, (_, blocks) in layer_weights(model, conv).items():
         kept = _singular_values(blocks)[1] if np.isfinite(blocks).all() else np.array([])
@@ -393,6 +437,18 @@ def weight_spectra(model, conv: str = "flatten", *, log_base: str = "e",
         sci, stable_rank, nuclear_norm, spectral_norm, frobenius_norm,
         lambda_max, n_eigs, alpha, x_min, ks_distance, n_tail,
         alpha_weighted_<base>, mu, phenomenology, reason``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> table = weight_spectra({"fc1": rng.normal(size=(64, 32)), "fc2": rng.normal(size=(3, 64))})
+    >>> table[["layer", "n_out", "n_in", "rank_max", "n_eigs"]]
+      layer  n_out  n_in  rank_max  n_eigs
+    0   fc1     64    32        32      32
+    1   fc2      3    64         3       3
+    >>> table.alpha.notna().tolist()   # fc2 has too few eigenvalues for a power-law tail
+    [True, False]
     """
     rows = []
     for name, (kind, blocks) in layer_weights(model, conv).items():
@@ -407,6 +463,15 @@ def alpha_hat(model, log_base: str = "e", *, conv: str = "flatten", min_tail: in
     The mean runs over the L layers with a power-law fit (layers without one
     are listed with their reason by :func:`weight_spectra`); NaN when no layer
     has a fit.  ``log_base`` is ``"e"`` (seed 003) or ``"10"`` (WeightWatcher).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> round(alpha_hat({"fc1": rng.normal(size=(128, 64))}), 2)
+    5.46
+    >>> alpha_hat({"tiny": rng.normal(size=(3, 4))})   # too few eigenvalues for a tail
+    nan
     """
     table = weight_spectra(model, conv, log_base=log_base, min_tail=min_tail)
     values = table[f"alpha_weighted_{_log_suffix(log_base)}"].dropna()
@@ -420,6 +485,17 @@ def spectral_metrics(model, batch=None, *, conv: str = "flatten", log_base: str 
     Returns ``sci`` (mean SCI over layers), ``stable_rank_mean``,
     ``alpha_mean`` (over fitted layers), ``alpha_hat_<base>``, ``n_layers`` and
     ``n_layers_fitted``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mbe_helpers.models import MLP
+    >>> _ = torch.manual_seed(0)
+    >>> values = spectral_metrics(MLP(64, [32], 10))
+    >>> sorted(values)
+    ['alpha_hat_ln', 'alpha_mean', 'n_layers', 'n_layers_fitted', 'sci', 'stable_rank_mean']
+    >>> values["n_layers"], round(values["sci"], 2)
+    (2.0, 0.94)
     """
     table = weight_spectra(model, conv, log_base=log_base, min_tail=min_tail)
     suffix = _log_suffix(log_base)

@@ -5,8 +5,10 @@ A residual model exposes
 * an embedding: ``tokens(x)`` (token models that add a CLS token and
   positions), else ``embed(x)``, else ``patch_embed(x)``;
 * ``blocks``: residual branches, :math:`h_{l+1} = h_l + f_l(h_l)`;
-* a terminal stack: ``out_ln`` + ``out_head``, or ``norm`` + ``head`` (token
-  models read the CLS token, position 0).
+* a terminal stack: ``out_ln`` + ``out_head`` (read on the whole last state),
+  or ``norm`` + ``head`` (read on the CLS token, position 0 of a
+  ``(N, T, d)`` state: a model with this stack is taken for a token model,
+  so a flat ``(N, d)`` stream needs ``out_ln`` + ``out_head``).
 
 ``ResidualMLP`` and ``ViTMini`` of :mod:`mbe_helpers.models` meet it; so does
 any user model with the same attribute names.  The credit-assignment metrics
@@ -29,7 +31,17 @@ from mbe_helpers.errors import MBEInputError
 
 
 def check_contract(model) -> None:
-    """Raise one sentence naming what a model lacks to be read as a residual stream."""
+    """Raise one sentence naming what a model lacks to be read as a residual stream.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import MLP, ResidualMLP
+    >>> check_contract(ResidualMLP(4, 8, 3, n_blocks=2))
+    >>> check_contract(MLP(4, [8], 3))
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: MLP is not a residual model: it lacks an embedding ...
+    """
     missing = []
     if not any(hasattr(model, name) for name in ("tokens", "embed", "patch_embed")):
         missing.append("an embedding (`embed` or `patch_embed`)")
@@ -44,7 +56,16 @@ def check_contract(model) -> None:
 
 
 def embed(model, x: torch.Tensor) -> torch.Tensor:
-    """The stream's first state :math:`h_0`."""
+    """The stream's first state :math:`h_0`.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP, ViTMini
+    >>> embed(ResidualMLP(4, 8, 3, n_blocks=2), torch.zeros(5, 4)).shape
+    torch.Size([5, 8])
+    >>> embed(ViTMini((1, 8, 8), 10, patch=4, width=8), torch.zeros(5, 64)).shape
+    torch.Size([5, 5, 8])
+    """
     if hasattr(model, "tokens"):
         return model.tokens(x)
     if hasattr(model, "embed"):
@@ -53,14 +74,33 @@ def embed(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def readout(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits from the last stream state (CLS token for token models)."""
+    """Logits from the last state: ``out_head(out_ln(h))``, else ``head(norm(h))`` of the CLS token.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP, ViTMini
+    >>> readout(ResidualMLP(4, 8, 3, n_blocks=2), torch.zeros(5, 8)).shape
+    torch.Size([5, 3])
+    >>> readout(ViTMini((1, 8, 8), 10, patch=4, width=8), torch.zeros(5, 5, 8)).shape
+    torch.Size([5, 10])
+    """
     if hasattr(model, "out_ln") and hasattr(model, "out_head"):
         return model.out_head(model.out_ln(h))
     return model.head(model.norm(h)[..., 0, :])
 
 
 def forward_stream(model, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Run the model along its explicit residual path: ``([h_0, ..., h_L], logits)``."""
+    """Run the model along its explicit residual path: ``([h_0, ..., h_L], logits)``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2)
+    >>> x = torch.randn(5, 4)
+    >>> hidden, logits = forward_stream(model, x)
+    >>> len(hidden), torch.allclose(logits, model(x))
+    (3, True)
+    """
     check_contract(model)
     h = embed(model, x)
     hidden = [h]
@@ -77,6 +117,16 @@ def stream_gradients(model, x: torch.Tensor, y: torch.Tensor
     The gradients are :math:`\partial L / \partial h_l` of the batch-mean
     cross-entropy :math:`L`, taken through the explicit residual path; no
     parameter gradient is formed.  All returned tensors are detached.
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2)
+    >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    >>> hidden, grads, logits = stream_gradients(model, x, y)
+    >>> [tuple(g.shape) for g in grads], grads[0].requires_grad
+    ([(5, 8), (5, 8), (5, 8)], False)
     """
     with torch.enable_grad():
         hidden, logits = forward_stream(model, x)
@@ -86,7 +136,16 @@ def stream_gradients(model, x: torch.Tensor, y: torch.Tensor
 
 
 def output_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r"""The output error :math:`e = \mathrm{softmax}(z) - \mathrm{onehot}(y)` (per sample)."""
+    r"""The output error :math:`e = \mathrm{softmax}(z) - \mathrm{onehot}(y)` (per sample).
+
+    Examples
+    --------
+    >>> output_error(torch.zeros(1, 2), torch.tensor([1]))
+    tensor([[ 0.5000, -0.5000]])
+    >>> e = output_error(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    >>> e.shape, bool(e.sum(dim=1).abs().max() < 1e-6)
+    (torch.Size([4, 3]), True)
+    """
     return torch.softmax(logits, dim=-1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)
 
 
@@ -97,6 +156,19 @@ def tail_loss(model, layer: int, y: torch.Tensor) -> Callable[[torch.Tensor], to
     dimensions, e.g. a batch of perturbation directions) giving the
     cross-entropy of each sample, shape ``(..., N)``: the blocks
     ``layer, ..., L-1`` and the readout are applied to every leading slice.
+
+    Examples
+    --------
+    >>> import torch.nn.functional as F
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> model = ResidualMLP(4, 8, 3, n_blocks=2)
+    >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    >>> hidden, logits = forward_stream(model, x)
+    >>> loss_from_h1 = tail_loss(model, 1, y)
+    >>> torch.allclose(loss_from_h1(hidden[1]), F.cross_entropy(logits, y, reduction="none"))
+    True
+    >>> loss_from_h1(hidden[1].expand(7, 5, 8)).shape
+    torch.Size([7, 5])
     """
     check_contract(model)
     n_blocks = len(model.blocks)

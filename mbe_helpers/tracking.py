@@ -52,7 +52,17 @@ _RUN_STATUS = {"FINISHED": "ok", "FAILED": "failed", "KILLED": "failed"}
 
 
 def experiment_of(source: str, what: str = "source") -> str:
-    """The experiment name of ``mlflow://NAME``, refusing any other form in one sentence."""
+    """The experiment name of ``mlflow://NAME``, refusing any other form in one sentence.
+
+    Examples
+    --------
+    >>> experiment_of("mlflow://grid")
+    'grid'
+    >>> experiment_of("grid")
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: the source must look like mlflow://EXPERIMENT, got 'grid'.
+    """
     text = str(source)
     if not text.lower().startswith(SCHEME) or not text[len(SCHEME):].strip():
         raise MBEInputError(f"the {what} must look like mlflow://EXPERIMENT, got {text!r}.")
@@ -71,6 +81,11 @@ def resolve_uri(tracking_uri: str | os.PathLike | None) -> str:
     """``tracking_uri`` or MLflow's default, with relative SQLite and file paths made absolute.
 
     Absolute, so that a chapter executed in another folder writes to the same store.
+
+    Examples
+    --------
+    >>> resolve_uri("sqlite:///runs.db").startswith("sqlite:////")     # doctest: +SKIP
+    True
     """
     require_extra("mlflow", "mlflow", "tracking runs in MLflow")
     import mlflow
@@ -264,6 +279,11 @@ def read_experiment(experiment: str, tracking_uri: str | os.PathLike | None = No
         where every value parses as one, then ``run_status``, ``start_time``
         and ``end_time``.  MLflow's own ``mlflow.*`` tags and this package's
         ``mbe.*`` tags are left out.
+
+    Examples
+    --------
+    >>> runs = read_experiment("grid", "sqlite:///mlflow.db")          # doctest: +SKIP
+    >>> runs[["config_hash", "status", "lr", "test_acc"]].head(2)       # doctest: +SKIP
     """
     uri = resolve_uri(tracking_uri)
     client = _client(uri, must_exist=True)
@@ -354,6 +374,11 @@ class MLflowTracker:
         Default: MLflow's own (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
     ledger : path, optional
         Recorded as the tag ``mbe.ledger`` of every run.
+
+    Examples
+    --------
+    >>> tracker = MLflowTracker("grid", "sqlite:///mlflow.db")         # doctest: +SKIP
+    >>> run_grid(configs, run_fn, "ledger.jsonl", tracker=tracker)     # doctest: +SKIP
     """
 
     def __init__(self, experiment: str, tracking_uri: str | os.PathLike | None = None, *,
@@ -458,7 +483,15 @@ def _split(metrics: list, params: list, tags: list) -> list[tuple[list, list, li
 
 def open_tracker(tracker: Any, tracking_uri: str | os.PathLike | None = None, *,
                  ledger: str | os.PathLike | None = None) -> MLflowTracker:
-    """``"mlflow://NAME"`` (or an :class:`MLflowTracker`) as a tracker; bad forms in one sentence."""
+    """``"mlflow://NAME"`` (or an :class:`MLflowTracker`) as a tracker; bad forms in one sentence.
+
+    Examples
+    --------
+    >>> open_tracker(42)
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: tracker must look like mlflow://EXPERIMENT, got 42.
+    """
     if isinstance(tracker, MLflowTracker):
         return tracker
     if not isinstance(tracker, str):

@@ -114,6 +114,16 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
     take their default.  Raises :class:`MBEInputError`, one sentence naming
     the key, for a config that is not a mapping, unknown keys, values of the wrong
     type, unknown choices, values out of range and a device this machine lacks.
+
+    Examples
+    --------
+    >>> cfg = resolve_config({"width": 16, "lr": 0.01, "n_train": float("nan")})
+    >>> cfg["width"], cfg["lr"], cfg["n_train"], cfg["epochs"], cfg["probe_epochs"]
+    (16, 0.01, None, 50, (5, 10, 20, 50))
+    >>> resolve_config({"widht": 16})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: unknown config keys ['widht']; known keys are ['activation', ...
     """
     if not isinstance(config, Mapping):
         raise MBEInputError(f"a config must be a mapping of keys to values, got "
@@ -209,6 +219,14 @@ def build_model(config: Mapping[str, Any], data: Dataset) -> nn.Module:
     Initialisation draws from a private copy of torch's RNG state, so the
     caller's global RNG is left as it was and concurrent threads do not
     interfere.
+
+    Examples
+    --------
+    >>> data = load_dataset("digits", n_train=50)
+    >>> cfg = resolve_config({"model": "resmlp", "width": 16, "depth": 2, "seed": 3})
+    >>> a, b = build_model(cfg, data), build_model(cfg, data)
+    >>> type(a).__name__, a.num_blocks, torch.equal(a.embed.weight, b.embed.weight)
+    ('ResidualMLP', 2, True)
     """
     cfg = resolve_config(config)
     with seeded(cfg["seed"]):
@@ -231,7 +249,17 @@ def _dropout_rng(model: nn.Module, seed: int) -> contextlib.AbstractContextManag
 
 def make_optimizer(name: str, params: Any, *, lr: float, weight_decay: float = 0.0,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """Return ``torch.optim`` SGD (with momentum), Adam or AdamW by name."""
+    """Return ``torch.optim`` SGD (with momentum), Adam or AdamW by name.
+
+    Examples
+    --------
+    >>> params = [torch.nn.Parameter(torch.zeros(3))]
+    >>> opt = make_optimizer("sgd", params, lr=0.1, weight_decay=1e-4)
+    >>> type(opt).__name__, opt.defaults["momentum"], opt.defaults["weight_decay"]
+    ('SGD', 0.9, 0.0001)
+    >>> type(make_optimizer("adamw", params, lr=1e-3)).__name__
+    'AdamW'
+    """
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name in ("adam", "adamw"):
@@ -272,6 +300,15 @@ def evaluate_probes(model: nn.Module, batch: Batch, probes: Probes) -> dict[str,
 
     Values are floats (tensors and numpy scalars converted; ``None`` becomes
     NaN) or strings, which metrics may use to say why a value is missing.
+
+    Examples
+    --------
+    >>> model = nn.Linear(4, 3)
+    >>> batch = (torch.zeros(5, 4), torch.zeros(5, dtype=torch.long))
+    >>> probes = {"n_logits": lambda m, b: torch.tensor(m(b[0]).numel()),
+    ...           "note": lambda m, b: "not defined", "missing": lambda m, b: None}
+    >>> evaluate_probes(model, batch, probes)
+    {'n_logits': 15.0, 'note': 'not defined', 'missing': nan}
     """
     was_training = model.training
     model.eval()
@@ -337,6 +374,13 @@ def divergence_limit(initial_loss: float, n_classes: int) -> float:
     float
         The limit; NaN when :math:`L_0` is not finite, against which every
         loss counts as diverged.
+
+    Examples
+    --------
+    >>> round(divergence_limit(2.0, n_classes=10), 2), divergence_limit(50.0, n_classes=10)
+    (23.03, 500.0)
+    >>> divergence_limit(float("inf"), n_classes=10)
+    nan
     """
     if not math.isfinite(initial_loss):
         return math.nan
@@ -402,7 +446,17 @@ def _check_data(model: nn.Module, data: Dataset) -> None:
 
 @torch.no_grad()
 def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` (eval mode, no grad)."""
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` (eval mode, no grad).
+
+    Examples
+    --------
+    >>> model = nn.Linear(4, 3)
+    >>> for p in model.parameters():
+    ...     _ = nn.init.zeros_(p)            # uniform predictions; ties go to class 0
+    >>> loss, acc = loss_and_accuracy(model, torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))
+    >>> round(loss, 4), acc
+    (1.0986, 0.5)
+    """
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0.0
@@ -517,6 +571,17 @@ def train(model: nn.Module, data: Dataset, *, optimizer: str = "adam", lr: float
         The flat record described in the module docstring, with
         ``engine="sequential"``; ``status`` is ``diverged`` when a loss left
         :func:`divergence_limit` (see the module docstring).
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import MLP
+    >>> data = load_dataset("digits", n_train=200)
+    >>> model = MLP(data.in_dim, [16], data.n_classes)
+    >>> record = train(model, data, lr=1e-2, epochs=10, probe_epochs=[0, 10], seed=0)
+    >>> record["status"], record["engine"], [k for k in record if k.startswith("val_acc@")]
+    ('ok', 'sequential', ['val_acc@0', 'val_acc@10'])
+    >>> record["val_acc@0"] < record["test_acc"]
+    True
     """
     _check_train_arguments(model, data, lr, epochs, batch_size)
     probe_epochs = _check_probe_epochs(probe_epochs, epochs)
@@ -715,6 +780,22 @@ def train_ensemble(models: Sequence[nn.Module], datas: Sequence[Dataset], *,
     list of dict
         One record per model, with ``engine="ensemble:K"`` and ``seconds`` the
         wall time divided by K.
+
+    Examples
+    --------
+    >>> import copy
+    >>> from mbe_helpers.models import MLP
+    >>> data = load_dataset("digits", n_train=100)
+    >>> _ = torch.manual_seed(0)
+    >>> models = [MLP(data.in_dim, [8], data.n_classes) for _ in range(2)]
+    >>> twin = copy.deepcopy(models[1])
+    >>> records = train_ensemble(models, [data, data], lr=[1e-3, 1e-2], weight_decay=[0.0, 0.0],
+    ...                          seeds=[0, 1], epochs=3)
+    >>> [r["engine"] for r in records]
+    ['ensemble:2', 'ensemble:2']
+    >>> alone = train(twin, data, lr=1e-2, epochs=3, seed=1)
+    >>> abs(records[1]["test_loss"] - alone["test_loss"]) < 1e-4
+    True
     """
     n_models = len(models)
     momentum = [momentum] * n_models if isinstance(momentum, (int, float)) else momentum
@@ -820,6 +901,15 @@ def choose_group_size(model: nn.Module, data: Dataset, *, optimizer: str = "adam
         1 means "train sequentially".
     costs : dict
         Seconds per model-step for every size measured (1 = sequential).
+
+    Examples
+    --------
+    >>> from mbe_helpers.models import MLP
+    >>> data = load_dataset("digits", n_train=100)
+    >>> size, costs = choose_group_size(MLP(data.in_dim, [8], data.n_classes), data, max_group=4,
+    ...                                 repeats=1)
+    >>> 1 in costs, size in (1, 2, 4)
+    (True, True)
     """
     batch = _calibration_batch(data, batch_size)
     costs = {1: _sequential_step_seconds(model, batch, optimizer, repeats)}
@@ -865,6 +955,19 @@ class TrainRun:
         ``False`` never does.
     max_group : int
         Largest ensemble trained at once.
+
+    Examples
+    --------
+    >>> run = TrainRun(ensemble=False)
+    >>> run
+    TrainRun(probes=[], probe_split='val', ensemble=False, max_group=128)
+    >>> record = run({"n_train": 100, "width": 8, "depth": 1, "epochs": 2})
+    >>> record["status"], record["engine"]
+    ('ok', 'sequential')
+    >>> TrainRun().group_key({"model": "mlp"}) is None      # MLPs may share an ensemble
+    False
+    >>> TrainRun().group_key({"model": "cnn"}) is None
+    True
     """
 
     def __init__(self, probes: Probes = (), *, probe_split: str = "val",

@@ -33,6 +33,19 @@ def acid_test_configs(sizes: Sequence[int], noises: Sequence[float], *, noise_n_
     the remaining keys of :data:`mbe_helpers.train.TRAIN_DEFAULTS`.  A config
     that belongs to both probes (``noise_n_train`` in ``sizes`` and 0 in
     ``noises``) appears once and is trained once.
+
+    Examples
+    --------
+    >>> configs = acid_test_configs([50, 200], [0.0, 0.3], noise_n_train=200, seeds=[0, 1],
+    ...                             epochs=5)
+    >>> configs[["n_train", "label_noise", "seed", "epochs"]]        # (200, 0.0) is trained once
+       n_train  label_noise  seed  epochs
+    0       50          0.0     0       5
+    1       50          0.0     1       5
+    2      200          0.0     0       5
+    3      200          0.0     1       5
+    4      200          0.3     0       5
+    5      200          0.3     1       5
     """
     if not sizes or not noises or not seeds:
         raise MBEInputError("the acid test needs at least one size, one noise level and one seed")
@@ -56,6 +69,21 @@ def acid_test_frame(runs: pd.DataFrame, sizes: Sequence[int], noises: Sequence[f
     Adds ``probe`` (``capacity`` / ``noise``) and ``condition`` (the value
     the probe varies); a run shared by both probes appears in both.  Runs
     that did not finish with status ``ok`` are dropped.
+
+    Examples
+    --------
+    >>> configs = acid_test_configs([50, 200], [0.0, 0.3], noise_n_train=200, seeds=[0, 1])
+    >>> runs = configs.assign(status=["ok"] * 5 + ["diverged"])
+    >>> frame = acid_test_frame(runs, [50, 200], [0.0, 0.3], noise_n_train=200)
+    >>> frame[["probe", "condition", "seed"]]
+          probe  condition  seed
+    0  capacity       50.0     0
+    1  capacity       50.0     1
+    2  capacity      200.0     0
+    3  capacity      200.0     1
+    4     noise        0.0     0
+    5     noise        0.0     1
+    6     noise        0.3     0
     """
     ok = runs[runs.status == "ok"] if "status" in runs else runs
     capacity = ok[(ok.label_noise == 0) & ok.n_train.isin([int(n) for n in sizes])]
@@ -78,8 +106,9 @@ def acid_test(frame: pd.DataFrame, metrics: Sequence[str], target: str = "test_a
 
     Per probe and metric: Spearman's rho between the metric and ``target``
     over all runs of the probe (conditions x seeds), its two-sided p-value
-    (t test on n - 2 degrees of freedom) and a percentile bootstrap interval
-    that resamples whole conditions (all seeds of a condition together),
+    (t test on n - 2 degrees of freedom) and a bootstrap interval (the
+    Fisher-z interval, :func:`mbe_helpers.audit.audit`'s default) that
+    resamples whole conditions (all seeds of a condition together),
     because the conditions, not the runs, are the independent units of the
     design.  A result is ``significant`` when p < ``alpha`` *and* the
     interval excludes zero.
@@ -90,6 +119,21 @@ def acid_test(frame: pd.DataFrame, metrics: Sequence[str], target: str = "test_a
         One row per (probe, metric): ``probe, metric, n, n_conditions, rho,
         lo, hi, p, significant`` (rows of metrics with fewer than four
         complete runs in a probe have NaN and ``significant=False``).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> condition = np.repeat(np.arange(1.0, 11.0), 2)                # ten conditions, two seeds
+    >>> acc = condition / 10 + rng.normal(0, 0.1, 20)
+    >>> frame = pd.DataFrame({"probe": "capacity", "condition": condition, "test_acc": acc,
+    ...                       "tracks": acc + rng.normal(0, 0.1, 20), "noise": rng.normal(size=20)})
+    >>> table = acid_test(frame, ["tracks", "noise"], bootstrap=200)
+    >>> table[["probe", "metric", "n", "n_conditions", "significant"]]
+          probe  metric   n  n_conditions  significant
+    0  capacity  tracks  20            10         True
+    1  capacity   noise  20            10        False
+    >>> table[["rho", "lo", "hi"]].round(2).values.tolist()
+    [[0.98, 0.9, 1.0], [-0.28, -0.64, 0.18]]
     """
     check_alpha(alpha)
     rows = []
@@ -118,6 +162,23 @@ def acid_verdict(table: pd.DataFrame) -> pd.DataFrame:
     sign in all of them; ``reason`` says which condition failed.
     Returns one row per metric: ``metric``, then ``rho_<probe>, lo_<probe>,
     hi_<probe>, p_<probe>`` for every probe, ``verdict`` and ``reason``.
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"probe": ["capacity", "noise"] * 3,
+    ...                       "metric": ["a", "a", "b", "b", "c", "c"],
+    ...                       "rho": [0.8, 0.7, 0.8, -0.6, 0.8, 0.1],
+    ...                       "lo": [0.5, 0.4, 0.5, -0.9, 0.5, -0.3],
+    ...                       "hi": [0.9, 0.9, 0.9, -0.2, 0.9, 0.5], "p": [1e-3] * 5 + [0.6],
+    ...                       "significant": [True] * 5 + [False]})
+    >>> verdicts = acid_verdict(table)
+    >>> verdicts.verdict.tolist()
+    ['PASS', 'FAIL', 'FAIL']
+    >>> for reason in verdicts.reason:
+    ...     print(reason)
+    significant in every probe with the same sign
+    significant in every probe, but with opposite signs
+    not significant in the noise probe
     """
     rows = []
     for metric, part in table.groupby("metric", sort=False):

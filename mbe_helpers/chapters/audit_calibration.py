@@ -56,7 +56,16 @@ POWER_GOAL = 0.8
 # ---------------------------------------------------------------- parameters
 @dataclass(frozen=True)
 class Params:
-    """The checked parameters of the chapter (``scenarios`` resolved, ``n_values`` sorted)."""
+    """The checked parameters of the chapter (``scenarios`` resolved, ``n_values`` sorted).
+
+    Examples
+    --------
+    >>> p = validate(n_values=[300, 60], reps=20, scenarios=["u_proxy", "genuine_increment"],
+    ...              alpha=0.05, focus_n=60, claim_reps=20, placebos=50, seed=0, workers=1,
+    ...              results_dir="out")
+    >>> p.n_values, p.claim_scenarios, p.placebo_scenario
+    ((60, 300), ('u_proxy',), 'u_proxy')
+    """
 
     n_values: tuple[int, ...]
     reps: int
@@ -120,7 +129,13 @@ def pct(rate: float) -> str:
 
 
 def and_join(items: Sequence[str]) -> str:
-    """``['a', 'b', 'c'] -> 'a, b and c'``."""
+    """``['a', 'b', 'c'] -> 'a, b and c'``.
+
+    Examples
+    --------
+    >>> and_join(["a"]), and_join(["a", "b"]), and_join(["a", "b", "c"])
+    ('a', 'a and b', 'a, b and c')
+    """
     items = [str(i) for i in items]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -147,7 +162,17 @@ def _capital(text: str) -> str:
 
 # ---------------------------------------------------------------- scenarios
 def scenario_table(scenarios: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per scenario: ``scenario, kind, controls, cluster, truth``."""
+    """One row per scenario: ``scenario, kind, controls, cluster, truth``.
+
+    Examples
+    --------
+    >>> scenario_table(["u_proxy", "clustered_null", "genuine_increment"])[["scenario", "kind",
+    ...                                                                     "controls", "cluster"]]
+                scenario    kind controls cluster
+    0            u_proxy    null        b
+    1     clustered_null    null   lr, wd  config
+    2  genuine_increment  signal        b
+    """
     names = list(scenarios or SCENARIOS)
     return pd.DataFrame([{"scenario": s, "kind": SCENARIOS[s].kind,
                           "controls": ", ".join(SCENARIOS[s].controls),
@@ -156,7 +181,13 @@ def scenario_table(scenarios: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 def scenario_values(scenarios: Sequence[str]) -> dict:
-    """Counts of the scenarios run: ``n_scenarios, n_nulls, n_signals``."""
+    """Counts of the scenarios run: ``n_scenarios, n_nulls, n_signals``.
+
+    Examples
+    --------
+    >>> scenario_values(["u_proxy", "linear_proxy", "genuine_increment"])
+    {'n_scenarios': 3, 'n_nulls': 2, 'n_signals': 1}
+    """
     kinds = [SCENARIOS[s].kind for s in scenarios]
     return {"n_scenarios": len(kinds), "n_nulls": kinds.count("null"),
             "n_signals": kinds.count("signal")}
@@ -169,6 +200,16 @@ def run_size_power(scenarios: Sequence[str], n_values: Sequence[int], reps: int,
 
     A thin call of :func:`mbe_helpers.simulate.run_calibration` without a
     progress bar; the table also has ``seconds``, the time of each cell.
+
+    Examples
+    --------
+    >>> table = run_size_power(["independent_null"], [60], reps=10, alpha=0.05, seed=0, workers=1)
+    >>> table[["scenario", "n", "method", "reps"]]
+               scenario   n     method  reps
+    0  independent_null  60        raw    10
+    1  independent_null  60     rank-t    10
+    2  independent_null  60  rank-perm    10
+    3  independent_null  60   crossfit    10
     """
     return run_calibration(list(scenarios), n=list(n_values), reps=reps, alpha=alpha, seed=seed,
                            workers=workers, progress=False)
@@ -316,7 +357,13 @@ def power_sentence(table: pd.DataFrame, method: str, n: int, goal: float = POWER
 
 
 def method_key(method: str) -> str:
-    """Glue-key form of a method name: ``'rank-t' -> 'rank_t'``."""
+    """Glue-key form of a method name: ``'rank-t' -> 'rank_t'``.
+
+    Examples
+    --------
+    >>> [method_key(m) for m in METHODS]
+    ['raw', 'rank_t', 'rank_perm', 'crossfit']
+    """
     return method.replace("-", "_")
 
 
@@ -326,6 +373,18 @@ def size_power_values(table: pd.DataFrame, n: int, alpha: float) -> dict:
     Keys: ``reps, alpha_pct, focus_n, n_values_text``, and per
     method ``m`` (glue form, see :func:`method_key`) ``size_m, worst_m, trend_m,
     fails_m, power_m`` and ``held_m`` (how many nulls it holds at ``n``).
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "b", "s"], "kind": ["null", "null", "signal"], "n": 300,
+    ...                   "method": "crossfit", "reps": 200, "rate": [0.05, 0.06, 0.9],
+    ...                   "lo": [0.03, 0.03, 0.85], "hi": [0.09, 0.1, 0.94]})
+    >>> values = size_power_values(t, 300, 0.05)
+    >>> values["held_crossfit"], values["n_values_text"]
+    (2, '300')
+    >>> print(values["size_crossfit"])
+    The cross-fitted adjustment with its GCM test holds every null at n = 300: each Wilson
+    interval contains 5 %
     """
     values = {"reps": int(table.reps.max()), "alpha_pct": pct(alpha), "focus_n": int(n),
               "n_values_text": and_join([str(v) for v in sorted(table.n.unique())])}
@@ -346,6 +405,19 @@ def plot_rates(table: pd.DataFrame, alpha: float, ncols: int = 4):
 
     The rate axis has a square-root scale, so that rates near alpha and near
     one are both readable; every text is at least 8 pt.
+
+    Examples
+    --------
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> t = pd.DataFrame({"scenario": ["a", "a", "s", "s"],
+    ...                   "kind": ["null", "null", "signal", "signal"], "n": [60, 300] * 2,
+    ...                   "method": "crossfit", "rate": [0.06, 0.05, 0.4, 0.9],
+    ...                   "lo": [0.03, 0.03, 0.3, 0.85], "hi": [0.1, 0.09, 0.5, 0.94]})
+    >>> fig = plot_rates(t, alpha=0.05, ncols=2)
+    >>> type(fig).__name__, [ax.get_title() for ax in fig.axes]
+    ('Figure', ['a (null)', 's (signal)'])
+    >>> plt.close(fig)
     """
     import matplotlib.pyplot as plt
 
@@ -440,6 +512,14 @@ def claim_rates(scenarios: Sequence[str], n: int, reps: int, alpha: float, seed:
     DataFrame
         ``scenario, adjust, n, reps, claims, rate, lo, hi, top_class`` (Wilson 95 %
         interval; ``top_class`` the most frequent class).
+
+    Examples
+    --------
+    >>> claims = claim_rates(["independent_null"], n=60, reps=4, alpha=0.05, seed=0, workers=1)
+    >>> claims[["scenario", "adjust", "n", "reps", "claims"]]
+               scenario adjust   n  reps  claims
+    0  independent_null   auto  60     4       0
+    1  independent_null   rank  60     4       0
     """
     from threadpoolctl import threadpool_limits
 
@@ -520,6 +600,16 @@ def placebo_check(scenario: str, n: int, placebos: int, alpha: float, seed: int)
         ``requested, classification`` (the metric's class) followed by the
         columns of :attr:`mbe_helpers.audit.AuditResult.calibration`, one row
         per (requested adjustment, placebo kind).
+
+    Examples
+    --------
+    >>> table = placebo_check("u_proxy", 100, placebos=20, alpha=0.05, seed=0)
+    >>> table[["requested", "kind", "adjust", "K"]]
+      requested   kind    adjust   K
+    0      auto  noise  crossfit  20
+    1      auto  proxy  crossfit  20
+    2      rank  noise      rank  20
+    3      rank  proxy      rank  20
     """
     spec = SCENARIOS[scenario]
     frame = spec.generate(np.random.default_rng([seed, n, 13, sum(map(ord, scenario))]), n)
@@ -545,6 +635,21 @@ def placebo_values(placebo: pd.DataFrame, scenario: str, n: int) -> dict:
     Keys: ``placebo_scenario, placebo_n, placebo_k``, and per requested
     adjustment ``a`` in (auto, rank): ``placebo_class_a, placebo_used_a,
     placebo_noise_a, placebo_proxy_a, placebo_flag_a``; ``placebo_sentence``.
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"requested": ["auto", "auto", "rank", "rank"],
+    ...                       "classification": ["inconclusive"] * 2 + ["survives"] * 2,
+    ...                       "kind": ["noise", "proxy"] * 2,
+    ...                       "adjust": ["crossfit"] * 2 + ["rank"] * 2, "K": 200,
+    ...                       "rate": [0.05, 0.06, 0.05, 0.6], "lo": [0.03, 0.03, 0.03, 0.53],
+    ...                       "alpha": 0.05})
+    >>> values = placebo_values(table, "u_proxy", 300)
+    >>> values["placebo_proxy_rank"], values["placebo_flag_rank"], values["placebo_flag_auto"]
+    ('60 %', 'flags the adjustment as untrustworthy', 'raises no flag')
+    >>> print(values["placebo_sentence"])
+    the placebos catch the rank-linear adjustment on this ledger and clear the one
+    adjust="auto" used
     """
     values = {"placebo_scenario": scenario, "placebo_n": int(n), "placebo_k": int(placebo.K.max())}
     flagged = {}
@@ -573,7 +678,16 @@ def placebo_values(placebo: pd.DataFrame, scenario: str, n: int) -> dict:
 
 # --------------------------------------------------------------- verdict
 def holders(table: pd.DataFrame, n: int, alpha: float) -> list[str]:
-    """Methods that over-reject no null at ``n`` (no Wilson interval above alpha)."""
+    """Methods that over-reject no null at ``n`` (no Wilson interval above alpha).
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "a"], "kind": "null", "n": 300,
+    ...                   "method": ["rank-t", "crossfit"], "rate": [0.5, 0.06],
+    ...                   "lo": [0.4, 0.03], "hi": [0.6, 0.1]})
+    >>> holders(t, 300, 0.05)
+    ['crossfit']
+    """
     out = []
     for method in [m for m in METHODS if m in set(table.method)]:
         nulls = _cells(table, n, method, "null")
@@ -614,6 +728,18 @@ def verdict(table: pd.DataFrame, n: int, alpha: float) -> dict:
 
     ``verdict_power`` gives, for each method that keeps size at ``n`` (see
     :func:`holders`), its lowest power there over the signals.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "a", "s", "s"],
+    ...                   "kind": ["null", "null", "signal", "signal"], "n": 300,
+    ...                   "method": ["rank-t", "crossfit"] * 2, "rate": [0.5, 0.06, 1.0, 0.9],
+    ...                   "lo": [0.4, 0.03, 0.98, 0.85], "hi": [0.6, 0.1, 1.0, 0.94]})
+    >>> values = verdict(t, 300, 0.05)
+    >>> print(values["verdict_focus"])
+    at n = 300 only crossfit rejects no null significantly more often than 5 %
+    >>> print(values["verdict_power"])
+    the lowest power on a signal at n = 300 is 90 % for crossfit
     """
     largest = int(table.n.max())
     kept = holders(table, n, alpha)

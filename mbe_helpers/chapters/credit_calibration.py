@@ -44,6 +44,18 @@ def calibration_runs(data: Dataset, conditions: Sequence[str] = CONDITIONS,
         ``table`` has one row per (condition, seed, layer) with ``rho,
         bp_cosine, nudge, reason, test_acc``; ``models[(rule, seed)]`` is
         ``(model, rule, record)``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> table, models = calibration_runs(data, ("positive", "negative", "dfa"), seeds=(0, 1),
+    ...                                  eval_size=16, n_directions=4, width=16, n_blocks=1,
+    ...                                  epochs=1)
+    >>> table.shape, table.columns.tolist()
+    ((12, 8), ['condition', 'seed', 'layer', 'rho', 'bp_cosine', 'nudge', 'reason', 'test_acc'])
+    >>> sorted(models)          # both controls read the BP network of their seed
+    [('bp', 0), ('bp', 1), ('dfa', 0), ('dfa', 1)]
     """
     conditions = check_names(conditions, CONDITIONS, "condition")
     seeds = check_seeds(seeds)
@@ -82,6 +94,18 @@ def place_on_scale(deep: pd.DataFrame, value: str = "rho", *, floor_units: float
       would overstate it;
     * *near the ceiling* when the fraction of the ceiling is at least ``near_ceiling``;
     * *above the noise floor* otherwise.
+
+    Examples
+    --------
+    >>> deep = pd.DataFrame({"condition": ["positive"] * 3 + ["negative"] * 3 + ["dfa"] * 3,
+    ...                      "seed": [0, 1, 2] * 3, "layers": "1-2",
+    ...                      "rho": [0.95, 0.97, 0.99, 0.01, -0.02, 0.03, 0.30, 0.35, 0.40]})
+    >>> placed = place_on_scale(deep)
+    >>> placed[["condition", "mean", "noise_units", "reading"]].round(2)
+      condition  mean  noise_units                 reading
+    0  positive  0.97        38.28        near the ceiling
+    1  negative  0.01         0.00  within the noise floor
+    2       dfa  0.35        13.64   above the noise floor
     """
     intervals = seed_intervals(deep, value, by=("condition",), level=level)
     scale = credit.calibrated_scale(deep, value=value, by=("layers",))
@@ -123,6 +147,18 @@ def sensitivity(model, rule, condition: str, data: Dataset, layer: int, *,
     -------
     DataFrame
         ``condition, dtype, sweep ("eps" | "M"), value, repeat, rho``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> model, rule, _ = train_residual("bp", data, width=16, n_blocks=1, epochs=1)
+    >>> sweep = sensitivity(model, rule, "positive", data, layer=1, eps_values=(1e-4, 1e-1),
+    ...                     m_values=(1, 4), repeats=2, eval_size=16, n_directions=4)
+    >>> sweep.shape, sweep.columns.tolist()
+    ((8, 6), ['condition', 'dtype', 'sweep', 'value', 'repeat', 'rho'])
+    >>> sweep.sweep.value_counts().to_dict()
+    {'eps': 4, 'M': 4}
     """
     check_measurement(eval_size, eps, n_directions)
     if not (isinstance(repeats, int) and repeats >= 1):

@@ -30,7 +30,21 @@ from mbe_helpers.residual import (INIT, MEASURES, METHODS, OWN_SIGNAL, build_see
                                   measure_condition, seed_intervals, train_residual)
 from mbe_helpers.train import train
 def eval_batches(data: Dataset, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n_batches`` disjoint evaluation batches from the pooled validation and test splits."""
+    """``n_batches`` disjoint evaluation batches from the pooled validation and test splits.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> batches = eval_batches(data, n_batches=4, batch_size=32)
+    >>> len(batches), tuple(batches[0][0].shape)
+    (4, (32, 64))
+    >>> eval_batches(data, n_batches=20, batch_size=64)
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: 20 batches of 64 need 1280 evaluation samples, but
+    validation + test hold 718
+    """
     if not (isinstance(n_batches, int) and isinstance(batch_size, int) and n_batches >= 2
             and batch_size >= 1):
         raise MBEInputError(f"need at least 2 batches of at least 1 sample, got n_batches="
@@ -56,6 +70,25 @@ class DiagnosticRuns:
         ``(method, seed) -> (model, rule, record)``, the frozen baseline included.
     methods, seeds : list
         In the order requested.
+
+    Examples
+    --------
+    >>> from mbe_helpers.protocol import Diagnosis
+    >>> def diagnosis(method, acc, growth):
+    ...     return Diagnosis(method, [1.0, growth, growth], [1e-3, 1e-3, 1e-3], [0.1, 0.2, 0.1],
+    ...                      stability_layer=1, headline_acc=acc, frozen_baseline_acc=0.80)
+    >>> runs = DiagnosticRuns({("bp", 0): diagnosis("bp", 0.95, 2.0),
+    ...                        ("dfa", 0): diagnosis("dfa", 0.81, 80.0)},
+    ...                       models={}, methods=["bp", "dfa"], seeds=[0])
+    >>> runs.summary()[["method", "test_acc", "max_growth", "face_value"]]
+      method  test_acc  max_growth  face_value
+    0     bp      0.95         2.0           1
+    1    dfa      0.81        80.0           0
+    >>> runs.verdict_table()[["a_residual_growth", "d_frozen_baseline", "face_value"]]
+           a_residual_growth d_frozen_baseline face_value
+    method
+    bp                   0/1               0/1        1/1
+    dfa                  1/1               1/1        0/1
     """
 
     diagnoses: dict
@@ -129,6 +162,17 @@ def diagnostic_runs(data: Dataset, methods: Sequence[str] = METHODS, seeds: Sequ
     The protocol reads :func:`eval_batches` (``n_batches`` of
     ``eval_batch_size``, held out); ``train_kw`` (``width, n_blocks, epochs,
     lr, batch_size, penalty``) go to :func:`train_residual`.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> runs = diagnostic_runs(data, methods=("bp", "dfa"), seeds=(0,), n_batches=2,
+    ...                        eval_batch_size=16, width=16, n_blocks=2, epochs=1)
+    >>> sorted(runs.models), sorted(runs.diagnoses)      # the frozen baseline is always trained
+    ([('bp', 0), ('dfa', 0), ('frozen', 0)], [('bp', 0), ('dfa', 0)])
+    >>> runs.verdicts().diagnostic.unique().tolist()
+    ['a_residual_growth', 'b_bp_gradient_floor', 'c_direction_stability', 'd_frozen_baseline']
     """
     methods = check_names(methods, (*METHODS, INIT), "method")
     seeds = check_seeds(seeds)
@@ -159,6 +203,20 @@ def alignment_runs(runs: DiagnosticRuns, data: Dataset, *, eval_size: int = 512,
     Returns one row per (method, seed, layer) with ``condition, rho,
     bp_cosine, nudge, reason``; methods without a credit signal of their own
     (``frozen``, ``init``) are left out.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=100)
+    >>> runs = diagnostic_runs(data, methods=("bp", "dfa"), seeds=(0,), n_batches=2,
+    ...                        eval_batch_size=16, width=16, n_blocks=1, epochs=1)
+    >>> table = alignment_runs(runs, data, eval_size=16, n_directions=4)
+    >>> table[["method", "condition", "seed", "layer"]]
+      method condition  seed  layer
+    0     bp  positive     0      0
+    1     bp  positive     0      1
+    2    dfa       dfa     0      0
+    3    dfa       dfa     0      1
     """
     check_measurement(eval_size, eps, n_directions)
     x, y = eval_set(data, eval_size)
@@ -186,6 +244,24 @@ def survival(alignment: pd.DataFrame, runs: DiagnosticRuns, min_layer: int = 1) 
     Returns one row per method: deep-layer ``rho`` and ``bp_cosine`` (mean
     and t-interval over seeds), how often (b), (c), (d) fire, and the two
     booleans ``alignment_readable`` and ``beats_frozen``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.protocol import Diagnosis
+    >>> def diagnosis(method, stability):
+    ...     return Diagnosis(method, [1.0, 1.5], [1e-3, 1e-3], [0.1, stability], stability_layer=1,
+    ...                      headline_acc=0.9, frozen_baseline_acc=0.8)
+    >>> stability = {("bp", 0): 0.1, ("bp", 1): 0.1, ("dfa", 0): 0.9, ("dfa", 1): 0.2}
+    >>> runs = DiagnosticRuns({key: diagnosis(key[0], s) for key, s in stability.items()},
+    ...                       models={}, methods=["bp", "dfa"], seeds=[0, 1])
+    >>> alignment = pd.DataFrame({"method": ["bp"] * 2 + ["dfa"] * 2, "condition": "own",
+    ...                           "seed": [0, 1] * 2, "layer": 1, "rho": [0.99, 0.98, 0.4, 0.5],
+    ...                           "bp_cosine": [1.0, 1.0, 0.3, 0.4], "nudge": -0.1})
+    >>> table = survival(alignment, runs)
+    >>> table[["method", "rho", "c_fires", "alignment_readable", "beats_frozen"]]
+      method    rho  c_fires  alignment_readable  beats_frozen
+    0     bp  0.985        0                True          True
+    1    dfa  0.450        1               False          True
     """
     deep = deep_layer_table(alignment.drop(columns="condition").rename(
         columns={"method": "condition"}), min_layer=min_layer)
@@ -216,6 +292,14 @@ def shallow_baselines(data: Dataset, seeds: Sequence[int] = (0,), *, width: int 
       and a linear read-out.
 
     Returns ``model, seed, test_acc``.
+
+    Examples
+    --------
+    >>> from mbe_helpers.data import load_dataset
+    >>> data = load_dataset("digits", n_train=200)
+    >>> table = shallow_baselines(data, seeds=(0,), width=16, epochs=5, lr=1e-2)
+    >>> table.model.tolist(), bool(table.test_acc.between(0.1, 1).all())
+    (['linear', 'no_blocks'], True)
     """
     seeds = check_seeds(seeds)
     builders = {"linear": lambda: nn.Linear(data.in_dim, data.n_classes),
@@ -272,7 +356,19 @@ def gradient_budget(runs: DiagnosticRuns, batch: tuple[torch.Tensor, torch.Tenso
       divides the gradient down) loses it.
 
     Returns one row per (method, seed) with those columns.
-    """
+
+     Examples
+     --------
+     >>> from types import SimpleNamespace
+     >>> from mbe_helpers.models import ResidualMLP
+     >>> _ = torch.manual_seed(0)
+     >>> model = ResidualMLP(8, 16, 3, 2).eval()
+     >>> x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+     >>> runs = SimpleNamespace(diagnoses={("bp", 0): SimpleNamespace(bp_grad_norms=[1e-3, 2e-3])},
+     ...                        models={("bp", 0): (model, None, {})})
+     >>> gradient_budget(runs, (x, y)).columns.tolist()
+     ['method', 'seed', 'loss', 'output_grad', 'min_grad_norm', 'transmission']
+     """
     x, y = batch
     rows = []
     for (method, seed), diagnosis in runs.diagnoses.items():

@@ -43,6 +43,17 @@ def grid_space(*, lr: Sequence[float] = (1e-4, 1e-1), weight_decay: Sequence[flo
     ``[low, high]``; ``n_train`` log-uniform integers on ``[low, high]``;
     ``seed`` a uniform integer below ``seeds``.  ``fixed`` keys (dataset,
     epochs, probe_epochs, ...) are constants of every config.
+
+    Examples
+    --------
+    >>> space = grid_space(widths=(16, 32), epochs=20)
+    >>> space["lr"], space["width"], space["epochs"]
+    (LogUniform(low=0.0001, high=0.1, integer=False), Choice(options=(16, 32)), 20)
+    >>> grid_space(lr=(0.1, 0.001))
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: lr must be a range [low, high] with low <= high, got
+    (0.1, 0.001)
     """
     from mbe_helpers.grid import Choice, LogUniform, Uniform
 
@@ -58,7 +69,21 @@ def grid_space(*, lr: Sequence[float] = (1e-4, 1e-1), weight_decay: Sequence[flo
 
 
 def space_table(space: Mapping[str, Any]) -> pd.DataFrame:
-    """The sampled dimensions of a space as a table: ``variable, distribution, values``."""
+    """The sampled dimensions of a space as a table: ``variable, distribution, values``.
+
+    Examples
+    --------
+    >>> space_table(grid_space(widths=(16, 32), depths=(1, 2), epochs=20))
+           variable         distribution         values
+    0            lr          log-uniform  [0.0001, 0.1]
+    1  weight_decay          log-uniform  [1e-06, 0.01]
+    2         width               choice         16, 32
+    3         depth               choice           1, 2
+    4     optimizer               choice      adam, sgd
+    5   label_noise              uniform       [0, 0.4]
+    6       n_train  log-uniform integer    [100, 1079]
+    7          seed      uniform integer      [0, 9999]
+    """
     from mbe_helpers.grid import Choice, LogUniform, Uniform
 
     rows = []
@@ -77,7 +102,15 @@ def space_table(space: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def classes_sentence(summary: pd.DataFrame, column: str, exclude: Sequence[str] = ()) -> str:
-    """``"washout: a, b; survives: c"``: the metrics of each outcome class in ``column``."""
+    """``"washout: a, b; survives: c"``: the metrics of each outcome class in ``column``.
+
+    Examples
+    --------
+    >>> summary = pd.DataFrame({"metric": ["fim_norm", "sci", "random_metric", "positive"],
+    ...                         "class_both": ["washout", "washout", "weak-or-mixed", "survives"]})
+    >>> classes_sentence(summary, "class_both", exclude=["positive"])
+    'washout: fim_norm, sci; weak-or-mixed: random_metric'
+    """
     part = summary[~summary.metric.isin(exclude)]
     groups = part.groupby(column, sort=True).metric.apply(list)
     return "; ".join(f"{cls}: {', '.join(names)}" for cls, names in groups.items())
@@ -92,6 +125,13 @@ def add_positive_control(frame: pd.DataFrame, target: str = "test_acc", *, noise
     information about the target that no baseline can explain away, so an
     audit that cannot find it is too weak to trust.  Rows with a missing
     target get NaN.
+
+    Examples
+    --------
+    >>> runs = pd.DataFrame({"test_acc": np.linspace(0.5, 0.9, 20)})
+    >>> runs = add_positive_control(runs, noise=0.5, seed=0)
+    >>> runs.columns.tolist(), round(float(runs.corr(method="spearman").iloc[0, 1]), 2)
+    (['test_acc', 'positive_control'], 0.91)
     """
     if not noise >= 0:
         raise MBEInputError(f"noise must be a non-negative number, got {noise!r}")
@@ -107,6 +147,18 @@ def baseline_audits(frame: pd.DataFrame, metrics: Sequence[str], target: str, *,
 
     Returns ``{"baseline": ..., "design": ..., "both": ...}``; ``kwargs`` go
     to :func:`mbe_helpers.audit.audit` (bootstrap, permutations, seed, ...).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> skill, lr = rng.normal(size=100), rng.uniform(-4, -1, 100)
+    >>> runs = pd.DataFrame({"lr": lr, "val_loss": -skill + rng.normal(0, .1, 100),
+    ...                      "test_acc": skill + rng.normal(0, .3, 100)})
+    >>> runs["proxy"] = -runs.val_loss + rng.normal(0, .01, 100)       # a disguised loss proxy
+    >>> audits = baseline_audits(runs, ["proxy"], "test_acc", baseline=["val_loss"],
+    ...                          design=["lr"], adjust="rank")
+    >>> {name: result.classification("proxy") for name, result in audits.items()}
+    {'baseline': 'washout', 'design': 'survives', 'both': 'washout'}
     """
     sets = {"baseline": list(baseline), "design": list(design),
             "both": [*baseline, *design]}
@@ -123,6 +175,19 @@ def audit_summary(audits: Mapping[str, AuditResult], *, strip: str = "") -> pd.D
     ``adjust_X`` (which decided the class), ``adjusted_X``, ``adjusted_lo_X``,
     ``adjusted_hi_X`` and ``q_X`` (the correlation, interval and FDR q-value of
     that adjustment) and ``class_X``. ``strip`` is removed from the metric names (e.g. ``"@20"``).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> skill, lr = rng.normal(size=100), rng.uniform(-4, -1, 100)
+    >>> runs = pd.DataFrame({"lr": lr, "val_loss@20": -skill + rng.normal(0, .1, 100),
+    ...                      "test_acc": skill + rng.normal(0, .3, 100)})
+    >>> runs["proxy@20"] = -runs["val_loss@20"] + rng.normal(0, .01, 100)
+    >>> audits = baseline_audits(runs, ["proxy@20"], "test_acc", baseline=["val_loss@20"],
+    ...                          design=["lr"])
+    >>> summary = audit_summary(audits, strip="@20")
+    >>> {"adjusted_both", "adjusted_lo_both", "q_both", "class_both"} <= set(summary.columns)
+    True
     """
     first = next(iter(audits.values())).table.set_index("metric")
     out = pd.DataFrame({"raw_r": first.raw_r, "raw_lo": first.get("raw_lo"),
@@ -162,6 +227,20 @@ def temporal_audit(frame: pd.DataFrame, metrics: Sequence[str], target: str,
     -------
     DataFrame
         Tidy: ``epoch``, ``metric`` (without the epoch suffix) and the audit columns.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> skill = rng.normal(size=40)
+    >>> runs = pd.DataFrame({"test_acc": skill + rng.normal(0, .3, 40)})
+    >>> for epoch, noise in ((5, 1.0), (20, 0.2)):       # the baseline sharpens with training
+    ...     runs[f"val_loss@{epoch}"] = -skill + rng.normal(0, noise, 40)
+    ...     runs[f"proxy@{epoch}"] = -runs[f"val_loss@{epoch}"] + rng.normal(0, .1, 40)
+    >>> table = temporal_audit(runs, ["proxy"], "test_acc", [5, 20])
+    >>> table[["epoch", "metric", "raw_r", "partial_r"]].round(2)
+       epoch metric  raw_r  partial_r
+    0      5  proxy   0.56      -0.04
+    1     20  proxy   0.85      -0.06
     """
     parts = []
     for epoch in epochs:
@@ -179,6 +258,18 @@ def rank_associations(frame: pd.DataFrame, column: str, others: Sequence[str]) -
 
     A non-numeric column enters as indicators of its levels after the first
     (named ``<column>=<level>``).  Returns ``variable, rho, n``.
+
+    Examples
+    --------
+    >>> runs = pd.DataFrame({"fim_norm": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    ...                      "lr": [0.1, 0.2, 0.3, 0.4, 0.6, 0.5],
+    ...                      "width": [64, 16, 32, 16, 64, 32],
+    ...                      "optimizer": ["adam", "adam", "sgd", "sgd", "sgd", "sgd"]})
+    >>> rank_associations(runs, "fim_norm", ["lr", "width", "optimizer"]).round(2)
+            variable   rho  n
+    0             lr  0.94  6
+    1  optimizer=sgd  0.83  6
+    2          width  0.00  6
     """
     rows = []
     for other in others:
@@ -198,7 +289,14 @@ def rank_associations(frame: pd.DataFrame, column: str, others: Sequence[str]) -
 
 
 def varying_columns(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
-    """The columns that take more than one value among the rows (constant ones cannot be controls)."""
+    """The columns that take more than one value among the rows (constant ones cannot be controls).
+
+    Examples
+    --------
+    >>> runs = pd.DataFrame({"lr": [0.1, 0.01], "width": [32, 32], "depth": [1, 2]})
+    >>> varying_columns(runs, ["lr", "width", "depth", "optimizer"])
+    ['lr', 'depth']
+    """
     return [c for c in columns if c in frame and frame[c].nunique(dropna=True) > 1]
 
 
@@ -206,13 +304,25 @@ def control_checks(summary: pd.DataFrame, *, positive: str, negative: str | None
                    audit_name: str = "both", alpha: float = 0.05) -> pd.DataFrame:
     """Did the controls land where they must in the audit ``audit_name``?
 
-    * the positive control must be classified ``survives`` with a
-      significant permutation p-value (< ``alpha``);
-    * the negative control must not be significant (permutation p >= ``alpha``)
-      and must not be classified ``survives``.
+    * the positive control must be classified ``survives`` with an FDR
+      q-value below ``alpha`` (``q_<audit>``, of the adjustment that decided its class);
+    * the negative control (optional) must not be significant (permutation
+      p >= ``alpha``) and must not be classified ``survives``.
 
     Returns one row per control: ``control, metric, partial, perm_p, class,
     expected, landed``.
+
+    Examples
+    --------
+    >>> summary = pd.DataFrame({"metric": ["positive_control", "random_metric"],
+    ...                         "partial_both": [0.6, 0.02], "perm_p_both": [0.001, 0.7],
+    ...                         "q_both": [0.002, 0.8],
+    ...                         "class_both": ["survives", "weak-or-mixed"]})
+    >>> checks = control_checks(summary, positive="positive_control", negative="random_metric")
+    >>> checks[["control", "metric", "class", "landed"]]
+        control            metric          class  landed
+    0  positive  positive_control       survives    True
+    1  negative     random_metric  weak-or-mixed    True
     """
     check_alpha(alpha)
     table = summary.set_index("metric")
@@ -324,6 +434,17 @@ def replication_audits(frame: pd.DataFrame, metric: str, target: str, *, baselin
     ``kwargs`` go to :func:`mbe_helpers.audit.audit` (``adjust``, ``placebos``,
     ``bootstrap``, ...); each table holds the rank-partial and, where it ran,
     the cross-fitted correlation.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> lr = rng.uniform(0, 1, 80)
+    >>> frame = pd.DataFrame({"lr": lr, "weight_decay": rng.uniform(0, 1, 80),
+    ...                       "m": lr + rng.normal(0, .3, 80), "y": lr + rng.normal(0, .3, 80),
+    ...                       "val": lr + rng.normal(0, .3, 80)})
+    >>> audits = replication_audits(frame, "m", "y", baseline="val", placebos=20)
+    >>> list(audits), audits["design"].table.adjust.iloc[0]
+    (['design', 'baseline'], 'crossfit')
     """
     return {"design": audit(frame, [metric], target, list(design), **kwargs),
             "baseline": audit(frame, [metric], target, [baseline], **kwargs)}
@@ -373,7 +494,15 @@ def _with_interval(value, lo, hi) -> str:
 
 
 def adjusted_r(row: pd.Series) -> float:
-    """The partial correlation under the adjustment that decided the class (cross-fitted or rank)."""
+    """The partial correlation under the adjustment that decided the class (cross-fitted or rank).
+
+    Examples
+    --------
+    >>> adjusted_r(pd.Series({"adjust": "crossfit", "adj_r": 0.1, "partial_r": 0.3}))
+    0.1
+    >>> adjusted_r(pd.Series({"adjust": "rank", "adj_r": float("nan"), "partial_r": 0.3}))
+    0.3
+    """
     return float(row.adj_r) if row.adjust == "crossfit" and np.isfinite(row.adj_r) else float(row.partial_r)
 
 
@@ -384,6 +513,18 @@ def replication_values(audits: Mapping[str, AuditResult]) -> dict[str, Any]:
     under the chapter's adjustment), ``replication_class``, the same given the
     baseline (``replication_baseline_*``), ``replication_n``, the placebo rates
     and ``replication_story`` (the comparison with the original's -0.80 -> +0.06).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> lr = rng.uniform(0, 1, 80)
+    >>> frame = pd.DataFrame({"lr": lr, "weight_decay": rng.uniform(0, 1, 80),
+    ...                       "m": lr + rng.normal(0, .3, 80), "y": lr + rng.normal(0, .3, 80),
+    ...                       "val": lr + rng.normal(0, .3, 80)})
+    >>> audits = replication_audits(frame, "m", "y", baseline="val", placebos=20)
+    >>> values = replication_values(audits)
+    >>> values["replication_n"], values["replication_adjust"]
+    (80, 'cross-fitted')
     """
     design = audits["design"].table.iloc[0]
     base = audits["baseline"].table.iloc[0]
@@ -483,7 +624,19 @@ def calibration_values(audits: Mapping[str, AuditResult], name: str = "both") ->
 
 
 def calibration_table(audits: Mapping[str, AuditResult]) -> pd.DataFrame:
-    """The placebo self-calibration of every audit, one row per (audit, kind)."""
+    """The placebo self-calibration of every audit, one row per (audit, kind).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> lr = rng.uniform(0, 1, 80)
+    >>> frame = pd.DataFrame({"lr": lr, "weight_decay": rng.uniform(0, 1, 80),
+    ...                       "m": lr + rng.normal(0, .3, 80), "y": lr + rng.normal(0, .3, 80),
+    ...                       "val": lr + rng.normal(0, .3, 80)})
+    >>> audits = replication_audits(frame, "m", "y", baseline="val", placebos=20)
+    >>> calibration_table(audits)[["audit", "kind", "K"]].values.tolist()
+    [['design', 'noise', 20], ['design', 'proxy', 20], ['baseline', 'noise', 20], ['baseline', 'proxy', 20]]
+    """
     parts = [r.calibration.assign(audit=name) for name, r in audits.items()
              if r.calibration is not None and len(r.calibration)]
     if not parts:

@@ -102,7 +102,20 @@ def _ordered(name: str, pair: list) -> None:
 
 # --------------------------------------------------------------------- chapters
 class MethodParams(_Schema):
-    """``00_method``: the simulated ledger of the method chapter."""
+    """``00_method``: the simulated ledger of the method chapter.
+
+    Examples
+    --------
+    >>> p = MethodParams(n=500, metric_noise=0.5, target_noise=0.3, seed=0, n_bootstrap=1000,
+    ...                  results_dir=None)
+    >>> p.n, p.chapter
+    (500, '00_method')
+    >>> check("00_method", {**p.model_dump(), "metric_noise": -1.0})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: metric_noise must be greater than or
+    equal to 0, got -1.0.
+    """
 
     n: Annotated[int, Field(ge=50)]
     metric_noise: NonNegative
@@ -131,7 +144,20 @@ class _Training(_Schema):
 
 
 class AcidTestParams(_Training):
-    """``01_acid_test``: capacity and label-noise probes of one architecture."""
+    """``01_acid_test``: capacity and label-noise probes of one architecture.
+
+    Examples
+    --------
+    >>> from mbe_helpers.book import get_chapter
+    >>> values = get_chapter(AcidTestParams.chapter).defaults()      # the notebook's defaults
+    >>> type(check("01_acid_test", values)).__name__
+    'AcidTestParams'
+    >>> check("01_acid_test", {**values, "early_epoch": values["epochs"]})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: early_epoch must be below epochs (150),
+    got 150.
+    """
 
     model: MLP_MODELS
     width: Count
@@ -159,7 +185,20 @@ class AcidTestParams(_Training):
 
 
 class GridParams(_Training):
-    """``02_heterogeneous_grid``: the sampled heterogeneous grid and its audits."""
+    """``02_heterogeneous_grid``: the sampled heterogeneous grid and its audits.
+
+    Examples
+    --------
+    >>> from mbe_helpers.book import get_chapter
+    >>> values = get_chapter(GridParams.chapter).defaults()
+    >>> check("02_heterogeneous_grid", values).optimizers
+    ['adam', 'sgd']
+    >>> check("02_heterogeneous_grid", {**values, "lr_range": [0.1, 0.001]})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: lr_range must be [low, high] with low
+    <= high, got [0.1, 0.001].
+    """
 
     model: MLP_MODELS
     n_runs: Annotated[int, Field(ge=15)]
@@ -231,7 +270,19 @@ class _Residual(_Training):
 
 
 class CreditParams(_Residual):
-    """``03_calibration_controls``: rho, BP cosine and nudge between the two controls."""
+    """``03_calibration_controls``: rho, BP cosine and nudge between the two controls.
+
+    Examples
+    --------
+    >>> from mbe_helpers.book import get_chapter
+    >>> values = get_chapter(CreditParams.chapter).defaults()
+    >>> check("03_calibration_controls", values).conditions[:2]
+    ['positive', 'negative']
+    >>> check("03_calibration_controls", {**values, "seeds": [0]})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: seeds must have at least 2 items, got [0].
+    """
 
     conditions: Annotated[list[CONDITION], Field(min_length=2)]
     floor_units: Positive
@@ -257,7 +308,20 @@ class CreditParams(_Residual):
 
 
 class DiagnosticsParams(_Residual):
-    """``04_fa_diagnostics``: the four diagnostics of a feedback-alignment result."""
+    """``04_fa_diagnostics``: the four diagnostics of a feedback-alignment result.
+
+    Examples
+    --------
+    >>> from mbe_helpers.book import get_chapter
+    >>> values = get_chapter(DiagnosticsParams.chapter).defaults()
+    >>> check("04_fa_diagnostics", values).model
+    'resmlp'
+    >>> check("04_fa_diagnostics", {**values, "methods": ["frozen"]})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: methods must include a trained rule
+    besides frozen, got ['frozen'].
+    """
 
     model: Literal["resmlp", "vit"]
     methods: Annotated[list[METHOD], Field(min_length=1)]
@@ -277,7 +341,20 @@ class DiagnosticsParams(_Residual):
 
 
 class AuditCalibrationParams(_Schema):
-    """``05_audit_calibration``: size, power and placebos of the audit on known truths."""
+    """``05_audit_calibration``: size, power and placebos of the audit on known truths.
+
+    Examples
+    --------
+    >>> from mbe_helpers.book import get_chapter
+    >>> values = get_chapter(AuditCalibrationParams.chapter).defaults()
+    >>> check("05_audit_calibration", values).focus_n in values["n_values"]
+    True
+    >>> check("05_audit_calibration", {**values, "scenarios": ["genuine_increment"]})
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: bad parameter: scenarios must include a null scenario
+    (independent_null, ...), got ['genuine_increment'].
+    """
 
     n_values: Annotated[list[Annotated[int, Field(ge=50)]], Field(min_length=1)]
     reps: Annotated[int, Field(ge=10)]

@@ -29,7 +29,15 @@ def _remember(name: str, value: Any) -> None:
 
 
 def glue(name: str, value: Any, display: bool = True) -> None:
-    """``myst_nb.glue(name, value, display)``, remembering the value for :func:`glued_table`."""
+    """``myst_nb.glue(name, value, display)``, remembering the value for :func:`glued_table`.
+
+    Examples
+    --------
+    >>> _GLUED.clear()
+    >>> glue("n_runs", 60, display=False)        # the site's {glue:text}`n_runs` shows 60
+    >>> _GLUED
+    {'n_runs': 60}
+    """
     from myst_nb import glue as myst_glue
 
     _remember(name, value)
@@ -61,5 +69,16 @@ def _text(value: Any) -> str:
 
 
 def glued_table() -> pd.DataFrame:
-    """Every value glued so far in this kernel, in order: ``key`` and its text."""
+    """Every value glued so far in this kernel, in order: ``key`` and its text.
+
+    Examples
+    --------
+    >>> _GLUED.clear()
+    >>> glue("n_runs", 60, display=False)
+    >>> glue("rho", 0.123456, display=False)
+    >>> glued_table()
+          key   value
+    0  n_runs      60
+    1     rho  0.1235
+    """
     return pd.DataFrame({"key": list(_GLUED), "value": [_text(v) for v in _GLUED.values()]})
