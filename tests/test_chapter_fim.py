@@ -109,7 +109,13 @@ def test_heterogeneous_grid_smoke_run(grid_smoke) -> None:
     assert list(summary.metric) == [*BATTERY, "positive_control"]
     assert {"class_baseline", "class_design", "class_both", "perm_p_both", "q_both"} <= set(summary)
     controls = pd.read_csv(results / "controls.csv")
-    assert list(controls.control) == ["positive", "negative"]
+    assert list(controls.control) == ["positive"]     # the placebos judge the audit's size
+    placebos = pd.read_csv(results / "placebos.csv")
+    assert set(placebos.audit) == {"baseline", "design", "both"} and set(placebos.kind) == {"noise", "proxy"}
+    replication = pd.read_csv(results / "replication.csv")
+    assert list(replication.given) == ["lr, weight_decay", "val_loss@10"] and replication.n.eq(40).all()
+    assert {"replication_raw_r", "replication_partial_r", "replication_class", "placebo_rate",
+            "proxy_placebo_rate"} <= set(values)
     temporal = pd.read_csv(results / "temporal.csv")
     assert sorted(set(temporal.epoch)) == [5, 10, 20]
     for name in ("ledger.jsonl", "configs.csv", "design.png", "audit.png", "fim_norm.png",

@@ -357,18 +357,18 @@ def gradient_budget(runs: DiagnosticRuns, batch: tuple[torch.Tensor, torch.Tenso
 
     Returns one row per (method, seed) with those columns.
 
-     Examples
-     --------
-     >>> from types import SimpleNamespace
-     >>> from mbe_helpers.models import ResidualMLP
-     >>> _ = torch.manual_seed(0)
-     >>> model = ResidualMLP(8, 16, 3, 2).eval()
-     >>> x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-     >>> runs = SimpleNamespace(diagnoses={("bp", 0): SimpleNamespace(bp_grad_norms=[1e-3, 2e-3])},
-     ...                        models={("bp", 0): (model, None, {})})
-     >>> gradient_budget(runs, (x, y)).columns.tolist()
-     ['method', 'seed', 'loss', 'output_grad', 'min_grad_norm', 'transmission']
-     """
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> from mbe_helpers.models import ResidualMLP
+    >>> _ = torch.manual_seed(0)
+    >>> model = ResidualMLP(8, 16, 3, 2).eval()
+    >>> x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    >>> runs = SimpleNamespace(diagnoses={("bp", 0): SimpleNamespace(bp_grad_norms=[1e-3, 2e-3])},
+    ...                        models={("bp", 0): (model, None, {})})
+    >>> gradient_budget(runs, (x, y)).columns.tolist()
+    ['method', 'seed', 'loss', 'output_grad', 'min_grad_norm', 'transmission']
+    """
     x, y = batch
     rows = []
     for (method, seed), diagnosis in runs.diagnoses.items():
@@ -397,7 +397,7 @@ def floor_reading(budget: pd.DataFrame, method: str, reference: str = INIT,
     >>> b = pd.DataFrame({"method": ["bp", "init"], "seed": [0, 0], "loss": [0.05, 2.3],
     ...                   "output_grad": [1e-4, 1e-2], "min_grad_norm": [2e-5, 2e-3],
     ...                   "transmission": [0.2, 0.2]})
-    >>> floor_reading(b, "bp").endswith("the credit path itself is intact")
+    >>> floor_reading(b, "bp").endswith("i.e. how small the loss is")
     True
     """
     by = budget.groupby("method")[["loss", "output_grad", "transmission"]].median()
@@ -409,8 +409,8 @@ def floor_reading(budget: pd.DataFrame, method: str, reference: str = INIT,
     kept = kept.replace("%", " %")
     if share < lost:
         return f"{kept}: credit is lost on the way down the stream, not only the loss that is small"
-    return (f"{kept}: its gradients are small because the loss is small, the credit path itself "
-            "is intact")
+    return (f"{kept}: the credit path itself is intact, so how small its stream gradients are "
+            "follows the output gradient, i.e. how small the loss is")
 
 
 def depth_gap(accuracy: pd.DataFrame) -> float:
