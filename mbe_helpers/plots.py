@@ -14,6 +14,22 @@ from scipy import stats
 RAW_COLOUR, PARTIAL_COLOUR = "#4c72b0", "#dd8452"
 
 
+#: Width (inches) of the book's content column: wider figures are scaled down on the page, and
+#: their 8 pt text with them, so every figure is drawn at most this wide.
+PAGE_WIDTH = 7.5
+
+
+def page_size(width: float, height: float) -> tuple[float, float]:
+    """``(width, height)`` with the width capped at :data:`PAGE_WIDTH` (text stays readable on the page).
+
+    Examples
+    --------
+    >>> page_size(11, 4), page_size(6, 3)
+    ((7.5, 4), (6, 3))
+    """
+    return (min(width, PAGE_WIDTH), height)
+
+
 def audit_figure(result, metric: str | None = None, group: str = "all"):
     """The two-panel MBE figure of an :class:`~mbe_helpers.audit.AuditResult`.
 
@@ -40,7 +56,7 @@ def audit_figure(result, metric: str | None = None, group: str = "all"):
     metric = metric or rows.metric.iloc[0]
     if metric not in set(rows.metric):
         raise ValueError(f"unknown metric {metric!r}; audited metrics: {', '.join(rows.metric)}")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=(1, 1.3))
+    fig, (left, right) = plt.subplots(1, 2, figsize=page_size(11, 4.2), width_ratios=(1, 1.3))
     _rank_scatter(left, result, rows.set_index("metric").loc[metric], metric)
     _collapse_bars(right, rows, result.settings)
     fig.tight_layout()
@@ -111,7 +127,7 @@ def plot_esd(model, conv: str = "flatten", *, layers=None, min_tail: int = 10, b
         raise MBEInputError(f"unknown or no layers {unknown}; the model has {', '.join(esds)}.")
     n_cols = min(3, len(names))
     n_rows = -(-len(names) // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.3 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=page_size(4.2 * n_cols, 3.3 * n_rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         _esd_panel(ax, name, esds[name], fit_power_law(esds[name], min_tail=min_tail), bins)
     for ax in axes.flat[len(names):]:
@@ -137,7 +153,7 @@ def _esd_panel(ax, name: str, eigs, fit, bins: int) -> None:
         ax.set_title(f"{name}: α = {fit.alpha:.2f} ({phenomenology(fit.alpha)})", fontsize=9)
     else:
         ax.set_title(f"{name}: no fit ({fit.reason})", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
 
 
 # --------------------------------------------------------------------------- #
@@ -168,7 +184,7 @@ def acid_test_figure(frame, metrics, target: str = "test_acc", probes=("capacity
     >>> plt.close(fig)
     """
     rows = [target, *metrics]
-    fig, axes = plt.subplots(len(rows), len(probes), figsize=(4.6 * len(probes), 2.3 * len(rows)),
+    fig, axes = plt.subplots(len(rows), len(probes), figsize=page_size(4.6 * len(probes), 2.3 * len(rows)),
                              sharex="col", squeeze=False)
     for j, probe in enumerate(probes):
         part = frame[frame.probe == probe]
@@ -209,7 +225,7 @@ def rho_forest_figure(table, metrics=None):
     """
     metrics = list(dict.fromkeys(table.metric)) if metrics is None else list(metrics)
     probes = list(dict.fromkeys(table.probe))
-    fig, ax = plt.subplots(figsize=(7, 0.34 * len(metrics) + 1.2))
+    fig, ax = plt.subplots(figsize=page_size(7, 0.34 * len(metrics) + 1.2))
     colours = sns.color_palette("deep", len(probes))
     for k, (probe, colour) in enumerate(zip(probes, colours)):
         part = table[table.probe == probe].set_index("metric").reindex(metrics)
@@ -225,7 +241,7 @@ def rho_forest_figure(table, metrics=None):
     ax.set_yticks(np.arange(len(metrics)), metrics)
     ax.invert_yaxis()
     ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ with the target (95 % interval over conditions)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -278,7 +294,7 @@ def baseline_figure(summary, audits=("baseline", "design", "both"), labels=None,
     """
     labels = dict(labels or {})
     metrics = list(summary.metric)
-    fig, ax = plt.subplots(figsize=(7.5, 0.36 * len(metrics) + 1.3))
+    fig, ax = plt.subplots(figsize=page_size(7.5, 0.36 * len(metrics) + 1.3))
     series = [("raw", "raw_r", "raw_lo", "raw_hi")]
     series += [(labels.get(a, f"partial | {a}"), f"partial_{a}", f"lo_{a}", f"hi_{a}")
                for a in audits]
@@ -297,7 +313,7 @@ def baseline_figure(summary, audits=("baseline", "design", "both"), labels=None,
     ax.set_yticks(np.arange(len(metrics)), metrics)
     ax.invert_yaxis()
     ax.set(xlim=(-1.05, 1.05), xlabel="Spearman ρ with the target (raw or partial)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -322,7 +338,7 @@ def temporal_figure(temporal, highlight=("fim_norm",), effect: float = 0.2):
     ['5', '10', '20']
     >>> plt.close(fig)
     """
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=page_size(7.5, 4.2))
     others = [m for m in dict.fromkeys(temporal.metric) if m not in highlight]
     palette = dict(zip(others, sns.color_palette("husl", len(others))))
     palette.update(zip(highlight, sns.color_palette("dark", len(highlight))))
@@ -343,7 +359,7 @@ def temporal_figure(temporal, highlight=("fim_norm",), effect: float = 0.2):
     epochs = sorted(set(temporal.epoch))
     ax.set_xticks(epochs, [str(e) for e in epochs])
     ax.minorticks_off()
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -392,7 +408,7 @@ def credit_layers_figure(summary, measures=("rho", "bp_cosine", "nudge")):
     """
     conditions = list(dict.fromkeys(summary.condition))
     colours = _condition_colours(conditions)
-    fig, axes = _grid_subplots(1, len(measures), figsize=(4.4 * len(measures), 3.8), squeeze=False)
+    fig, axes = _grid_subplots(1, len(measures), figsize=page_size(4.4 * len(measures), 3.8), squeeze=False)
     for ax, measure in zip(axes.flat, measures):
         part = summary[summary.measure == measure]
         for k, condition in enumerate(conditions):
@@ -406,7 +422,7 @@ def credit_layers_figure(summary, measures=("rho", "bp_cosine", "nudge")):
         ax.axhline(0, color="grey", lw=0.6)
         ax.set(xlabel="stream state $h_l$", ylabel=MEASURE_LABELS.get(measure, measure))
         ax.set_xticks(sorted(set(part.layer)))
-    axes.flat[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes.flat[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -437,7 +453,7 @@ def calibrated_scale_figure(deep, placed, per_layer, floor_units: float = 3.0):
     """
     conditions = list(placed.condition)
     colours = _condition_colours(conditions)
-    fig, (left, right) = _grid_subplots(1, 2, figsize=(11.5, 0.45 * len(conditions) + 2.2),
+    fig, (left, right) = _grid_subplots(1, 2, figsize=page_size(11.5, 0.45 * len(conditions) + 2.2),
                                       width_ratios=(1.1, 1))
     stats_ = placed.set_index("condition")
     for y, condition in enumerate(conditions):
@@ -456,7 +472,7 @@ def calibrated_scale_figure(deep, placed, per_layer, floor_units: float = 3.0):
     left.set_yticks(range(len(conditions)), conditions)
     left.invert_yaxis()
     left.set(xlabel=f"deep-layer mean ρ (layers {deep.layers.iloc[0]}), 95 % t-interval")
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=8, loc="lower right")
     grid = per_layer.pivot(index="condition", columns="layer", values="fraction_of_ceiling")
     sns.heatmap(grid.reindex(conditions), ax=right, annot=True, fmt=".2f", cmap="vlag", center=0,
                 vmin=-1, vmax=1, cbar_kws={"label": "fraction of the ceiling"})
@@ -485,14 +501,14 @@ def sensitivity_figure(sweep):
     >>> plt.close(fig)
     """
     data = sweep.assign(series=sweep.condition + " (" + sweep.dtype + ")")
-    fig, axes = _grid_subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    fig, axes = _grid_subplots(1, 2, figsize=page_size(11, 3.8), sharey=True)
     for ax, (name, label) in zip(axes, (("eps", "perturbation size ε"),
                                         ("M", "directions per sample M"))):
         sns.lineplot(data=data[data.sweep == name], x="value", y="rho", hue="series",
                      errorbar="sd", marker="o", ax=ax, legend=name == "M")
         ax.set(xscale="log", xlabel=label, ylabel="ρ")
         ax.axhline(0, color="grey", lw=0.6)
-    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.01, 1), fontsize=7, title=None)
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title=None)
     fig.tight_layout()
     return fig
 
@@ -517,7 +533,7 @@ def stream_norms_figure(layers, grad_floor: float = 1e-7):
     ['log', 'log']
     >>> plt.close(fig)
     """
-    fig, axes = _grid_subplots(1, 2, figsize=(11.5, 4))
+    fig, axes = _grid_subplots(1, 2, figsize=page_size(11.5, 4))
     palette = dict(zip(dict.fromkeys(layers.method), sns.color_palette("deep", layers.method.nunique())))
     for ax, (column, label) in zip(axes, (("residual_norm", "median $\\|h_l\\|_2$"),
                                           ("bp_grad_norm", "median $\\|\\partial L/\\partial h_l\\|_2$"))):
@@ -527,7 +543,7 @@ def stream_norms_figure(layers, grad_floor: float = 1e-7):
         ax.set_xticks(sorted(set(layers.layer)))
     axes[1].axhline(grad_floor, color="red", ls="--", lw=1, label=f"floor {grad_floor:.0e}")
     axes[1].set_ylim(bottom=min(grad_floor / 3, axes[1].get_ylim()[0]))
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 
@@ -550,7 +566,7 @@ def stability_figure(accuracy, ceiling: float = 0.30):
     'mean pairwise cosine at $h_2$'
     >>> plt.close(fig)
     """
-    fig, ax = _grid_subplots(figsize=(7.5, 3.8))
+    fig, ax = _grid_subplots(figsize=page_size(7.5, 3.8))
     order = list(dict.fromkeys(accuracy.method))
     sns.barplot(data=accuracy, x="method", y="stability", order=order, errorbar=None,
                 color="#c9d6ea", ax=ax)
@@ -587,7 +603,7 @@ def frozen_margin_figure(accuracy, shallow=None, margin: float = 0.02):
     """
     import pandas as pd
 
-    fig, (left, right) = _grid_subplots(1, 2, figsize=(11.5, 3.8))
+    fig, (left, right) = _grid_subplots(1, 2, figsize=page_size(11.5, 3.8))
     absolute = accuracy[["method", "seed", "test_acc"]]
     if shallow is not None:
         absolute = pd.concat([absolute, shallow.rename(columns={"model": "method"})], ignore_index=True)

@@ -421,10 +421,12 @@ def plot_rates(table: pd.DataFrame, alpha: float, ncols: int = 4):
     """
     import matplotlib.pyplot as plt
 
+    from mbe_helpers.plots import page_size
+
     scenarios = list(dict.fromkeys(table.scenario))
     methods = [m for m in METHODS if m in set(table.method)]
     nrows = math.ceil(len(scenarios) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.2 * nrows + 0.6),
+    fig, axes = plt.subplots(nrows, ncols, figsize=page_size(2.6 * ncols, 2.2 * nrows + 0.6),
                              sharex=True, sharey=True, squeeze=False)
     colours = dict(zip(METHODS, ("#7f7f7f", "#d62728", "#ff7f0e", "#1f77b4")))
     sizes = sorted(table.n.unique())
