@@ -1371,8 +1371,25 @@ class AuditResult:
             return True
         return bool((self.calibration.lo.fillna(0) <= self.calibration.alpha).all())
 
+    def _compact(self) -> pd.DataFrame:
+        """The notebook view: each estimate and its interval in one cell, so it fits a page."""
+        full = self._formatted()
+        out = pd.DataFrame(index=full.index)
+        labels = {"raw": "raw", "partial": "rank partial", "adj": "cross-fitted"}
+        for col in full.columns:
+            stem = col[:-2] if col.endswith("_r") else None
+            if col.endswith("_ci") or col == "partial_p" or (col == "adj_p" and "adj_q" in full):
+                continue
+            if stem in labels:
+                ci = full[f"{stem}_ci"] if f"{stem}_ci" in full else None
+                out[labels[stem]] = [v if ci is None or c == "–" else f"{v} {c}"
+                                     for v, c in zip(full[col], ci if ci is not None else full[col])]
+            else:
+                out[col] = full[col]
+        return out
+
     def _repr_html_(self) -> str:
-        return (self._formatted().style.hide(axis="index")
+        return (self._compact().style.hide(axis="index")
                 .set_caption(self._caption()).to_html())
 
     def __rich__(self):

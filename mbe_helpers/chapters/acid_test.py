@@ -198,3 +198,60 @@ def acid_verdict(table: pd.DataFrame) -> pd.DataFrame:
         row.update(verdict="PASS" if not weak and len(signs) == 1 else "FAIL", reason=reason)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _rho_with_interval(rho: float, lo: float, hi: float) -> str:
+    return "–" if not np.isfinite(rho) else f"{rho:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def verdict_view(verdict: pd.DataFrame) -> pd.DataFrame:
+    """:func:`acid_verdict`'s table for the page: one ``rho [lo, hi]`` cell per probe.
+
+    Examples
+    --------
+    >>> v = pd.DataFrame({"metric": ["m"], "rho_capacity": [0.9], "lo_capacity": [0.8],
+    ...                   "hi_capacity": [0.95], "p_capacity": [1e-4], "rho_noise": [0.7],
+    ...                   "lo_noise": [0.5], "hi_noise": [0.8], "p_noise": [1e-3],
+    ...                   "verdict": ["PASS"], "reason": ["significant in every probe"]})
+    >>> verdict_view(v).iloc[0].tolist()
+    ['m', '+0.90 [+0.80, +0.95]', '+0.70 [+0.50, +0.80]', 'PASS']
+    """
+    out = pd.DataFrame({"metric": verdict.metric})
+    for probe in PROBES:
+        if f"rho_{probe}" in verdict:
+            out[f"{probe} ρ [CI]"] = [_rho_with_interval(r, lo, hi) for r, lo, hi in zip(
+                verdict[f"rho_{probe}"], verdict[f"lo_{probe}"], verdict[f"hi_{probe}"])]
+    out["verdict"] = verdict.verdict
+    return out
+
+
+def acid_story(fim_passes: bool, loss_passes: bool) -> str:
+    """What the acid test says of FIM_norm beside validation loss, against the original study.
+
+    Examples
+    --------
+    >>> acid_story(True, True)[:41]
+    'FIM_norm passes the acid test, as in the '
+    """
+    return {
+        (True, True): "FIM_norm passes the acid test, as in the original study, and so does "
+                      "validation loss: passing cannot tell a candidate metric from a loss proxy",
+        (True, False): "FIM_norm passes the acid test, as in the original study, but validation "
+                       "loss does not, which differs from the expected result",
+        (False, True): "FIM_norm fails the acid test, contrary to the original study, while "
+                       "validation loss passes",
+        (False, False): "neither FIM_norm nor validation loss passes the acid test, contrary to "
+                        "the expected result",
+    }[(bool(fim_passes), bool(loss_passes))]
+
+
+def control_sentence(random_passes: bool) -> str:
+    """How the random metric, the negative control, fared.
+
+    Examples
+    --------
+    >>> control_sentence(False)
+    'failed, as a negative control must'
+    """
+    return ("passed, which a negative control must not: treat this run with suspicion"
+            if random_passes else "failed, as a negative control must")

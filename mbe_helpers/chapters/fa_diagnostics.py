@@ -480,3 +480,64 @@ def reference_sentence(survival: pd.DataFrame, methods: Sequence[str]) -> str:
                 "was written")
     return (f"the BP gradients of {', '.join(unsound)} fail (b) or (c), as on the CIFAR-10 "
             "networks for which the protocol was written")
+
+
+#: Short column names of the diagnostics for tables on the page.
+DIAGNOSTIC_LABELS = {"a_residual_growth": "(a) growth", "b_bp_gradient_floor": "(b) floor",
+                     "c_direction_stability": "(c) stability", "d_frozen_baseline": "(d) frozen",
+                     "face_value": "face value"}
+
+
+def summary_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """:meth:`DiagnosticRuns.summary` for the page: short names, numbers rounded for reading.
+
+    Examples
+    --------
+    >>> s = pd.DataFrame({"method": ["bp"], "test_acc": [0.97678], "max_growth": [1.379],
+    ...                   "min_grad_norm": [9.07e-7], "stability": [0.1308], "stability_max": [0.2146],
+    ...                   "margin": [0.0028], "face_value": [0]})
+    >>> summary_view(s).iloc[0].tolist()[:7]
+    ['bp', '0.977', '1.4×', '9.1e-07', '0.13', '0.21', '+0.3']
+    """
+    return pd.DataFrame({
+        "method": summary.method, "accuracy": summary.test_acc.map("{:.3f}".format),
+        "largest growth": summary.max_growth.map("{:.1f}×".format),
+        "smallest |dL/dh|": summary.min_grad_norm.map("{:.1e}".format),
+        "stability": summary.stability.map("{:.2f}".format),
+        "stability (max)": summary.stability_max.map("{:.2f}".format),
+        "margin (points)": summary.margin.map(lambda v: "–" if not np.isfinite(v) else f"{100 * v:+.1f}"),
+        "face value": summary.face_value})
+
+
+def verdict_view(table: pd.DataFrame) -> pd.DataFrame:
+    """:meth:`DiagnosticRuns.verdict_table` with short diagnostic names.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"a_residual_growth": ["0/3"], "face_value": ["3/3"]}, index=["bp"])
+    >>> verdict_view(t).columns.tolist()
+    ['(a) growth', 'face value']
+    """
+    return table.rename(columns=DIAGNOSTIC_LABELS)
+
+
+def survival_view(survival: pd.DataFrame) -> pd.DataFrame:
+    """:func:`survival` for the page: rho with its interval in one cell, the fires as counts.
+
+    Examples
+    --------
+    >>> s = pd.DataFrame({"method": ["bp"], "rho": [0.99], "rho_lo": [0.98], "rho_hi": [1.0],
+    ...                   "bp_cosine": [1.0], "b_fires": [0], "c_fires": [0], "d_fires": [3],
+    ...                   "n_seeds": [3], "alignment_readable": [True], "beats_frozen": [False]})
+    >>> survival_view(s).iloc[0].tolist()[:6]
+    ['bp', '0.990 [0.980, 1.000]', '1.000', '0/3', '0/3', '3/3']
+    """
+    n = survival.n_seeds.astype(int).astype(str)
+    return pd.DataFrame({
+        "method": survival.method,
+        "ρ [CI]": [f"{r:.3f} [{lo:.3f}, {hi:.3f}]" for r, lo, hi in
+                   zip(survival.rho, survival.rho_lo, survival.rho_hi)],
+        "Γ": survival.bp_cosine.map("{:.3f}".format),
+        "(b)": survival.b_fires.astype(str) + "/" + n, "(c)": survival.c_fires.astype(str) + "/" + n,
+        "(d)": survival.d_fires.astype(str) + "/" + n,
+        "readable": survival.alignment_readable, "beats frozen": survival.beats_frozen})
