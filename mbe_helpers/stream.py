@@ -6,9 +6,8 @@ A residual model exposes
   positions), else ``embed(x)``, else ``patch_embed(x)``;
 * ``blocks``: residual branches, :math:`h_{l+1} = h_l + f_l(h_l)`;
 * a terminal stack: ``out_ln`` + ``out_head`` (read on the whole last state),
-  or ``norm`` + ``head`` (read on the CLS token, position 0 of a
-  ``(N, T, d)`` state: a model with this stack is taken for a token model,
-  so a flat ``(N, d)`` stream needs ``out_ln`` + ``out_head``).
+  or ``norm`` + ``head`` (read on the CLS token, position 0, of a
+  ``(N, T, d)`` token state, and on the whole state of a flat ``(N, d)`` one).
 
 ``ResidualMLP`` and ``ViTMini`` of :mod:`mbe_helpers.models` meet it; so does
 any user model with the same attribute names.  The credit-assignment metrics
@@ -74,7 +73,8 @@ def embed(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def readout(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits from the last state: ``out_head(out_ln(h))``, else ``head(norm(h))`` of the CLS token.
+    """Logits from the last state: ``out_head(out_ln(h))``, else ``head(norm(h))`` (of the CLS token
+    when the stream holds tokens, ``(N, T, d)``; of each sample's state when it is flat, ``(N, d)``).
 
     Examples
     --------
@@ -86,7 +86,8 @@ def readout(model, h: torch.Tensor) -> torch.Tensor:
     """
     if hasattr(model, "out_ln") and hasattr(model, "out_head"):
         return model.out_head(model.out_ln(h))
-    return model.head(model.norm(h)[..., 0, :])
+    normed = model.norm(h)
+    return model.head(normed[:, 0, :] if h.dim() == 3 else normed)
 
 
 def forward_stream(model, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -201,9 +201,6 @@ def test_tail_loss_refuses_a_state_the_model_does_not_have(layer):
         stream.tail_loss(resmlp(), layer, torch.tensor([0]))
 
 
-@pytest.mark.xfail(strict=True, reason="readout takes any `norm` + `head` model for a token model "
-                                       "and reads position 0 of a flat (N, d) stream, i.e. the "
-                                       "first sample (see the stream module docstring)")
 def test_a_flat_model_with_norm_and_head_is_read_per_sample():
     class FlatNormHead(nn.Module):
         def __init__(self):
