@@ -81,7 +81,7 @@ class Thresholds:
     frozen_margin: float = 0.02
 
 
-def _cls(t: torch.Tensor) -> torch.Tensor:
+def _per_sample(t: torch.Tensor) -> torch.Tensor:
     """One vector per sample: the CLS token of token states, the state itself otherwise."""
     return t[:, 0, :] if t.dim() == 3 else t
 
@@ -99,7 +99,7 @@ def residual_norms(model, x: torch.Tensor) -> list[float]:
     """
     with torch.no_grad():
         hidden, _ = forward_stream(model, x)
-    return [float(_cls(h).norm(dim=-1).median()) for h in hidden]
+    return [float(_per_sample(h).norm(dim=-1).median()) for h in hidden]
 
 
 def bp_grad_norms(model, x: torch.Tensor, y: torch.Tensor) -> list[float]:
@@ -115,7 +115,7 @@ def bp_grad_norms(model, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     (3, True)
     """
     _, grads, _ = stream_gradients(model, x, y)
-    return [float(_cls(g).norm(dim=-1).median()) for g in grads]
+    return [float(_per_sample(g).norm(dim=-1).median()) for g in grads]
 
 
 def direction_stability(model, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
@@ -143,7 +143,7 @@ def direction_stability(model, batches: Sequence[tuple[torch.Tensor, torch.Tenso
     per_batch = []
     for x, y in batches:
         _, grads, _ = stream_gradients(model, x, y)
-        per_batch.append(torch.stack([_cls(g).double().mean(dim=0).flatten() for g in grads]))
+        per_batch.append(torch.stack([_per_sample(g).double().mean(dim=0).flatten() for g in grads]))
     means = torch.stack(per_batch)                        # (batches, states, d)
     norms = means.norm(dim=-1, keepdim=True)
     units = torch.where(norms > 0, means / norms.clamp_min(1e-300), torch.nan)
