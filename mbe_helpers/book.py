@@ -217,23 +217,36 @@ def read_parameters(notebook: str | Path) -> dict[str, Parameter]:
 def parse_value(text: str) -> Any:
     """Parse a command-line value as YAML 1.1 (``200`` -> int, ``[1, 2]`` -> list, ``on`` -> True).
 
-    ``null`` and ``~`` give None; YAML 1.1 reads ``on``, ``off``, ``yes`` and
-    ``no`` as booleans, and a float needs a dot and a signed exponent
-    (``0.001``, ``1.0e-3``; ``1e-3`` and ``1.0e3`` stay strings). Text that is
-    not valid YAML stays a string.
+    ``null``, ``~`` and ``None`` give None; YAML 1.1 reads ``on``, ``off``,
+    ``yes`` and ``no`` as booleans. Numbers in scientific notation that YAML
+    1.1 leaves as text (``1e-3``, ``1.0e3``) are read as floats, also inside
+    lists. Text that is not valid YAML stays a string.
 
     Examples
     --------
-    >>> parse_value("200"), parse_value("[1, 2]"), parse_value("0.001"), parse_value("null")
+    >>> parse_value("200"), parse_value("[1, 2]"), parse_value("0.001"), parse_value("None")
     (200, [1, 2], 0.001, None)
-    >>> parse_value("on"), parse_value("1e-3"), parse_value("{a: 1")
-    (True, '1e-3', '{a: 1')
+    >>> parse_value("on"), parse_value("1e-3"), parse_value("[1e-5, 1e-3]"), parse_value("{a: 1")
+    (True, 0.001, [1e-05, 0.001], '{a: 1')
     """
+    if text.strip() == "None":
+        return None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    return text if value is None and text.strip() not in ("null", "~", "None") else value
+    if value is None and text.strip() not in ("null", "~"):
+        return text
+    return _scientific(value)
+
+
+def _scientific(value: Any) -> Any:
+    """Strings such as ``1e-3`` (scientific notation YAML 1.1 does not read) as floats."""
+    if isinstance(value, list):
+        return [_scientific(v) for v in value]
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def check_value(chapter: Chapter, name: str, value: Any) -> None:
