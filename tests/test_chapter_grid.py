@@ -59,3 +59,13 @@ def test_replication_story_branches() -> None:
     weak = {**base, "replication_raw_r": -0.1, "replication_class": "inconclusive"}
     assert grid.replication_story(weak).startswith("the association left")
     assert "unlike the original" in grid.replication_story({**base, "replication_class": "survives"})
+
+
+def test_comparators_beside_the_audit() -> None:
+    frame = grid.binned(ledger(240, shape="linear"), ["lr", "weight_decay"], bins=3)
+    frame["acc"] = (frame.acc - frame.acc.min()) / (frame.acc.max() - frame.acc.min())  # a fraction
+    summary = grid.comparator_summary(frame, ["fim"], "acc", ["lr_bin", "weight_decay_bin"])
+    row = summary.iloc[0]
+    assert row.sign == "−" and row.kendall > 0 and 0 <= row.sign_error_max <= 1
+    kept = summary.assign(cmi=summary.cmi_none)
+    assert grid.comparator_sentence(kept, "fim").startswith("conditioning on the hyperparameters leaves")

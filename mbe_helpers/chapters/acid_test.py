@@ -133,7 +133,7 @@ def acid_test(frame: pd.DataFrame, metrics: Sequence[str], target: str = "test_a
     0  capacity  tracks  20            10         True
     1  capacity   noise  20            10        False
     >>> table[["rho", "lo", "hi"]].round(2).values.tolist()
-    [[0.98, 0.9, 1.0], [-0.28, -0.64, 0.18]]
+    [[0.98, 0.89, 1.0], [-0.28, -0.64, 0.18]]
     """
     check_alpha(alpha)
     rows = []

@@ -727,3 +727,84 @@ def trust_sentence(checks: pd.DataFrame, calibration: Mapping[str, Any], alpha: 
                 "null result")
     return (f"{rates}, within their Wilson intervals, and the positive control survives: the "
             "audit of this run can be trusted")
+
+
+# ------------------------------------------------------------------ the comparators
+def binned(frame: pd.DataFrame, columns: Sequence[str], bins: int = 3) -> pd.DataFrame:
+    """``frame`` with ``<column>_bin``: quantile bins of each (log-spaced) continuous hyperparameter.
+
+    The comparators of Jiang et al. and Dziugaite et al. need discrete levels;
+    a sampled design has none, so each column is cut into ``bins`` equally
+    filled bins of its logarithm.
+
+    Examples
+    --------
+    >>> out = binned(pd.DataFrame({"lr": [1e-4, 1e-3, 1e-2, 1e-1]}), ["lr"], bins=2)
+    >>> out.lr_bin.tolist()
+    [0, 0, 1, 1]
+    """
+    out = frame.copy()
+    for column in columns:
+        out[f"{column}_bin"] = pd.qcut(np.log10(out[column].astype(float)), bins, labels=False)
+    return out
+
+
+def comparator_summary(frame: pd.DataFrame, metrics: Sequence[str], target: str,
+                       hyperparameters: Sequence[str]) -> pd.DataFrame:
+    """The field's yardsticks per metric, beside the audit.
+
+    Each metric is oriented by the sign of its raw Spearman correlation with
+    the target (the comparators score agreement in one direction). Columns:
+    ``metric, sign``, Jiang's granulated Kendall ``kendall`` (overall Ψ),
+    the unconditioned ``cmi_none`` and Jiang's score ``cmi`` (the minimum of
+    the normalised conditional mutual information over conditioning sets) with
+    the set attaining it, and Dziugaite's sign-error ``sign_error_mean`` and
+    ``sign_error_max`` (the robust one) over coupled environments.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> grid = pd.DataFrame({"a": np.repeat([0, 1, 2], 20), "b": np.tile([0, 1], 30)})
+    >>> grid["acc"] = 0.6 + 0.1 * grid.a + rng.normal(0, .05, 60)
+    >>> grid["m"] = grid.a + rng.normal(0, .5, 60)
+    >>> summary = comparator_summary(grid, ["m"], "acc", ["a", "b"])
+    >>> summary.columns.tolist()[:4], bool(summary.kendall.iloc[0] > 0)
+    (['metric', 'sign', 'kendall', 'cmi_none'], True)
+    """
+    from mbe_helpers import comparators
+
+    rows = []
+    for metric in metrics:
+        sign = 1.0 if stats.spearmanr(frame[metric], frame[target]).statistic >= 0 else -1.0
+        oriented = frame.assign(**{metric: sign * frame[metric]})
+        kendall = comparators.granulated_kendall(oriented, metric, target, list(hyperparameters))
+        cmi = comparators.conditional_mi(oriented, metric, target, list(hyperparameters)).set_index("conditioning")
+        sign_error = comparators.robust_sign_error(oriented, metric, target, list(hyperparameters))
+        overall = sign_error.set_index("hyperparameter").loc["overall"]
+        finite = cmi.drop(index="overall").normalized_cmi.dropna()
+        rows.append({"metric": metric, "sign": "+" if sign > 0 else "−",
+                     "kendall": float(kendall.set_index("hyperparameter").loc["overall", "value"]),
+                     "cmi_none": float(cmi.loc["none", "normalized_cmi"]),
+                     "cmi": float(cmi.loc["overall", "normalized_cmi"]),
+                     "cmi_given": finite.idxmin() if len(finite) else "–",
+                     "sign_error_mean": float(overall["mean"]), "sign_error_max": float(overall["max"])})
+    return pd.DataFrame(rows)
+
+
+def comparator_sentence(summary: pd.DataFrame, metric: str) -> str:
+    """Whether conditioning on the hyperparameters removes what ``metric`` says of the target.
+
+    Examples
+    --------
+    >>> s = pd.DataFrame({"metric": ["m"], "cmi_none": [0.23], "cmi": [0.02], "cmi_given": ["lr_bin"]})
+    >>> comparator_sentence(s, "m")[:62]
+    'conditioning on lr_bin removes most of what m says about the t'
+    """
+    row = summary.set_index("metric").loc[metric]
+    if row.cmi < 0.5 * row.cmi_none:
+        return (f"conditioning on {row.cmi_given} removes most of what {metric} says about the "
+                f"target (normalised CMI {row.cmi_none:.2f} without conditioning, {row.cmi:.2f} "
+                "given it), the same explanation the audit gives")
+    return (f"conditioning on the hyperparameters leaves most of what {metric} says about the "
+            f"target (normalised CMI {row.cmi_none:.2f} without conditioning, at least "
+            f"{row.cmi:.2f} given any set)")
