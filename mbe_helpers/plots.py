@@ -379,11 +379,28 @@ def _grid_subplots(*args, **kwargs):
         return plt.subplots(*args, **kwargs)
 
 
+def method_colours(names) -> dict:
+    """One colour per learning rule or condition, the same in chapters 03 and 04.
+
+    The true gradient (``positive``, and ``bp`` whose own signal it is) is black,
+    the random signal grey, each feedback rule a fixed colour of seaborn's
+    ``deep`` palette; any other name gets the next unused ``deep`` colour.
+
+    Examples
+    --------
+    >>> method_colours(["fa", "bp"])["fa"] == method_colours(["positive", "negative", "fa"])["fa"]
+    True
+    """
+    deep = sns.color_palette("deep", 10)
+    fixed = {"positive": "black", "bp": "black", "negative": "grey", "fa": deep[0], "dfa": deep[1],
+             "dfa_penalized": deep[2], "dfa_shuffled": deep[3], "frozen": deep[7], "init": deep[5]}
+    spare = iter([deep[i] for i in (4, 6, 8, 9)] * 10)
+    return {name: fixed[name] if name in fixed else next(spare) for name in names}
+
+
 def _condition_colours(conditions):
-    """Controls in black / grey, every other condition a colour of the ``deep`` palette."""
-    others = [c for c in conditions if c not in CONTROL_STYLE]
-    colours = dict(zip(others, sns.color_palette("deep", max(len(others), 1))))
-    return {c: CONTROL_STYLE[c]["color"] if c in CONTROL_STYLE else colours[c] for c in conditions}
+    """Controls in black / grey, every other condition its colour of :func:`method_colours`."""
+    return method_colours(conditions)
 
 
 def credit_layers_figure(summary, measures=("rho", "bp_cosine", "nudge")):
@@ -534,7 +551,7 @@ def stream_norms_figure(layers, grad_floor: float = 1e-7):
     >>> plt.close(fig)
     """
     fig, axes = _grid_subplots(1, 2, figsize=page_size(11.5, 4))
-    palette = dict(zip(dict.fromkeys(layers.method), sns.color_palette("deep", layers.method.nunique())))
+    palette = method_colours(dict.fromkeys(layers.method))
     for ax, (column, label) in zip(axes, (("residual_norm", "median $\\|h_l\\|_2$"),
                                           ("bp_grad_norm", "median $\\|\\partial L/\\partial h_l\\|_2$"))):
         sns.lineplot(data=layers, x="layer", y=column, hue="method", palette=palette, marker="o",
