@@ -38,8 +38,11 @@ def glue(name: str, value: Any, display: bool = True) -> None:
     >>> _GLUED
     {'n_runs': 60}
     """
+    import numpy as np
     from myst_nb import glue as myst_glue
 
+    if isinstance(value, np.generic):      # np.float64(0.3) would be glued as its repr
+        value = value.item()
     _remember(name, value)
     myst_glue(name, value, display=display)
 
