@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
 
 import numpy as np
 import pandas as pd
 
 from mbe_helpers.comparators import conditional_mi, granulated_kendall, robust_sign_error
+from timing import alternating, speed  # bench/timing.py, beside this script
 
 HPS = ["lr", "wd", "width", "depth", "dropout"]
 
@@ -63,20 +62,6 @@ def make_grid(kind: str, seed: int = 0) -> pd.DataFrame:
     return df
 
 
-def alternating(fns: dict, reps: int, warmup: bool = True) -> tuple[dict, dict]:
-    """Optionally one warm-up of each, then ``reps`` rounds calling each in turn; medians and last outputs."""
-    outs = {name: fn() for name, fn in fns.items()} if warmup else {}
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            outs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, outs
-
-
-def speed(ratio: float) -> str:
-    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
 
 
 def kendall_pair(df: pd.DataFrame, group: str | None):

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
 import warnings
 
 import numpy as np
 import pandas as pd
 
 from mbe_helpers.audit import audit
+from timing import alternating, speed  # bench/timing.py, beside this script
 
 CONTROLS = ["lr", "wd", "width", "depth", "noise", "optimizer", "arch"]
 TRUTH = {"proxy": "no increment (conditional null)", "increment": "increment"}
@@ -91,17 +90,6 @@ def peer(df: pd.DataFrame, permutations: int) -> dict:
                               n_splits=5, permutations=permutations, seed=0)
 
 
-def alternating(fns: dict, reps: int) -> tuple[dict, dict]:
-    """One warm-up of each, then ``reps`` rounds calling each in turn; medians and last outputs."""
-    outs = {name: fn() for name, fn in fns.items()}
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            outs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, outs
-
 
 def rates(calibration: pd.DataFrame) -> str:
     if calibration is None or calibration.empty:
@@ -123,9 +111,6 @@ def blas_limit(threads: int):
         return contextlib.nullcontext("library default (threadpoolctl not installed)")
     return threadpool_limits(limits=threads, user_api="blas")
 
-
-def speed(ratio: float) -> str:
-    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
 
 
 def main() -> None:
