@@ -309,8 +309,9 @@ def control_checks(summary: pd.DataFrame, *, positive: str, negative: str | None
     * the negative control (optional) must not be significant (permutation
       p >= ``alpha``) and must not be classified ``survives``.
 
-    Returns one row per control: ``control, metric, partial, perm_p, class,
-    expected, landed``.
+    Returns one row per control: ``control, metric, partial, p`` (the q-value
+    judged for the positive control, the permutation p-value for the negative
+    one; ``expected`` says which), ``class, expected, landed``.
 
     Examples
     --------
@@ -342,7 +343,7 @@ def control_checks(summary: pd.DataFrame, *, positive: str, negative: str | None
             landed = cls != "survives" and not p < alpha
             expected = f"not survives, permutation p >= {alpha}"
         rows.append({"control": kind, "metric": metric, "partial": r[f"partial_{audit_name}"],
-                     "perm_p": p, "class": cls, "expected": expected, "landed": bool(landed)})
+                     "p": p, "class": cls, "expected": expected, "landed": bool(landed)})
     return pd.DataFrame(rows)
 
 def trajectory(temporal: pd.DataFrame, metric: str) -> str:
