@@ -494,17 +494,21 @@ def _with_interval(value, lo, hi) -> str:
     return f"{value:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
-def adjusted_r(row: pd.Series) -> float:
-    """The partial correlation under the adjustment that decided the class (cross-fitted or rank).
+def adjusted(row: pd.Series, field: str = "r") -> float:
+    """``field`` (``r``, ``lo`` or ``hi``) of the adjustment that decided the class.
+
+    The cross-fitted ``adj_<field>`` where it ran and gave an estimate, else
+    the rank-linear ``partial_<field>`` (NaN where the row has none).
 
     Examples
     --------
-    >>> adjusted_r(pd.Series({"adjust": "crossfit", "adj_r": 0.1, "partial_r": 0.3}))
+    >>> adjusted(pd.Series({"adjust": "crossfit", "adj_r": 0.1, "partial_r": 0.3}))
     0.1
-    >>> adjusted_r(pd.Series({"adjust": "rank", "adj_r": float("nan"), "partial_r": 0.3}))
+    >>> adjusted(pd.Series({"adjust": "rank", "adj_r": float("nan"), "partial_r": 0.3}))
     0.3
     """
-    return float(row.adj_r) if row.adjust == "crossfit" and np.isfinite(row.adj_r) else float(row.partial_r)
+    crossfit = row.get("adjust") == "crossfit" and np.isfinite(row.get("adj_r", np.nan))
+    return float(row.get(f"adj_{field}" if crossfit else f"partial_{field}", np.nan))
 
 
 def replication_values(audits: Mapping[str, AuditResult]) -> dict[str, Any]:
@@ -533,14 +537,12 @@ def replication_values(audits: Mapping[str, AuditResult]) -> dict[str, Any]:
               "replication_raw_lo": float(design.get("raw_lo", np.nan)),
               "replication_raw_hi": float(design.get("raw_hi", np.nan)),
               "replication_rank_r": float(design.partial_r),
-              "replication_partial_r": adjusted_r(design),
-              "replication_partial_lo": float(design.adj_lo if design.adjust == "crossfit" else
-                                              design.get("partial_lo", np.nan)),
-              "replication_partial_hi": float(design.adj_hi if design.adjust == "crossfit" else
-                                              design.get("partial_hi", np.nan)),
+              "replication_partial_r": adjusted(design),
+              "replication_partial_lo": adjusted(design, "lo"),
+              "replication_partial_hi": adjusted(design, "hi"),
               "replication_adjust": "cross-fitted" if design.adjust == "crossfit" else "rank-linear",
               "replication_class": design.classification,
-              "replication_baseline_r": adjusted_r(base),
+              "replication_baseline_r": adjusted(base),
               "replication_baseline_class": base.classification,
               "replication_noise_rate": _placebo_rate(audits["design"], "noise"),
               "replication_proxy_rate": _placebo_rate(audits["design"], "proxy"),
