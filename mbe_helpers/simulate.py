@@ -12,6 +12,7 @@ against ``final_acc`` with the controls ``early_loss`` and ``arch``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -305,7 +306,7 @@ METHODS = ("raw", "rank-t", "rank-perm", "crossfit")
 
 def method_pvalues(frame: pd.DataFrame, scenario: Scenario, rng: np.random.Generator,
                    methods: Sequence[str] = METHODS, permutations: int = 199,
-                   draws: int = 199, folds: int = 5) -> dict[str, float]:
+                   folds: int = 5) -> dict[str, float]:
     """p-value of each method on one simulated ledger (the audit's own code paths).
 
     Examples
@@ -332,15 +333,56 @@ def method_pvalues(frame: pd.DataFrame, scenario: Scenario, rng: np.random.Gener
     if "rank-perm" in methods:
         out["rank-perm"] = mbe._permutation_p(design, permutations, None, rng)
     if "crossfit" in methods:
-        clusters = frame[scenario.cluster].to_numpy() if scenario.cluster else None
-        numeric, categorical = mbe._control_arrays(frame, controls)
-        basis = crossfit.control_basis(numeric, categorical, n=len(frame))
-        fold = crossfit.fold_ids(len(frame), folds, int(rng.integers(2**31)), clusters)
-        res, fits = crossfit.crossfit_residuals(
-            basis, frame[["target", "metric"]].to_numpy(float), fold, keep=0)
-        out["crossfit"] = float(crossfit.wild_gcm_p(res[:, 1], res[:, 0], fits, draws, rng,
-                                                    clusters)[0])
+        out["crossfit"] = crossfit_test(frame, scenario, rng, folds).p
     return out
+
+
+def crossfit_test(frame: pd.DataFrame, scenario: Scenario, rng: np.random.Generator,
+                  folds: int = 5, fits: bool = True):
+    """The audit's cross-fitted test of one simulated ledger (a :class:`~mbe_helpers.crossfit.GCMTest`).
+
+    ``fits=False`` skips the calibration (only ``r`` is then meaningful), for very large ledgers.
+
+    Examples
+    --------
+    >>> s = SCENARIOS["genuine_increment"]
+    >>> test = crossfit_test(s.generate(np.random.default_rng(0), 300), s, np.random.default_rng(1))
+    >>> bool(test.lo < test.r < test.hi), test.p < 1e-6
+    (True, True)
+    """
+    import sys
+
+    from mbe_helpers import crossfit
+
+    mbe = sys.modules["mbe_helpers.audit"]       # the module (the package exports the function)
+    clusters = frame[scenario.cluster].to_numpy() if scenario.cluster else None
+    numeric, categorical = mbe._control_arrays(frame, list(scenario.controls))
+    basis = crossfit.control_basis(numeric, categorical, n=len(frame))
+    fold = crossfit.fold_ids(len(frame), folds, int(rng.integers(2**31)), clusters)
+    responses = frame[["target", "metric"]].to_numpy(float)
+    if not fits:
+        res = crossfit.crossfit_residuals(basis, responses, fold)
+        return crossfit.gcm_test(res[:, 1], res[:, 0], clusters)
+    res, kept = crossfit.crossfit_residuals(basis, responses, fold, keep=0)
+    return crossfit.gcm_test(res[:, 1], res[:, 0], clusters, fitted_dof=float(kept.dof.mean()),
+                             fits=kept)
+
+
+@functools.lru_cache(maxsize=None)
+def adjusted_truth(name: str, n: int = 20_000) -> float:
+    """The population value of the cross-fitted ``adj_r`` of a scenario: 0 on a null, else its
+    estimate on one ledger of ``n`` rows.
+
+    Examples
+    --------
+    >>> adjusted_truth("u_proxy"), round(adjusted_truth("genuine_increment", 4000), 1)
+    (0.0, 0.6)
+    """
+    scenario = SCENARIOS[name]
+    if scenario.kind == "null":
+        return 0.0
+    rng = np.random.default_rng([12345, sum(map(ord, name))])
+    return float(crossfit_test(scenario.generate(rng, n), scenario, rng, fits=False).r)
 
 
 def _calibration_cell(args) -> list[dict]:
@@ -357,12 +399,20 @@ def _calibration_cell(args) -> list[dict]:
 
 def _simulate_cell(name, scenario, n, reps, seed, methods) -> list[dict]:
     rejections = {m: [] for m in methods}
+    covered = []
+    truth = adjusted_truth(name) if "crossfit" in methods else np.nan
     for rep in reps:
         rng = np.random.default_rng([seed, n, rep, sum(map(ord, name))])
         frame = scenario.generate(rng, n)
-        for method, p in method_pvalues(frame, scenario, rng, methods).items():
+        for method, p in method_pvalues(frame, scenario, rng,
+                                        [m for m in methods if m != "crossfit"]).items():
             rejections[method].append(p)
-    return [{"scenario": name, "kind": scenario.kind, "n": n, "method": m, "p": np.array(ps)}
+        if "crossfit" in methods:
+            test = crossfit_test(frame, scenario, rng)
+            rejections["crossfit"].append(test.p)
+            covered.append(test.lo <= truth <= test.hi)
+    return [{"scenario": name, "kind": scenario.kind, "n": n, "method": m, "p": np.array(ps),
+             "covered": np.array(covered if m == "crossfit" else [], dtype=bool)}
             for m, ps in rejections.items()]
 
 
@@ -379,8 +429,11 @@ def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (
     Returns
     -------
     DataFrame
-        ``scenario, kind, n, method, reps, rejections, rate, lo, hi`` and
-        ``seconds``, the time of the whole (scenario, n) cell (all methods).
+        ``scenario, kind, n, method, reps, rejections, rate, lo, hi``;
+        ``coverage, coverage_lo, coverage_hi``, the share of crossfit 95 %
+        intervals that contain :func:`adjusted_truth` with its Wilson interval
+        (NaN for the other methods); and ``seconds``, the time of the whole
+        (scenario, n) cell (all methods).
 
     Examples
     --------
@@ -426,15 +479,22 @@ def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (
             bar.update()
     bar.close()
     table = (pd.DataFrame(rows).groupby(["scenario", "kind", "n", "method"], sort=False)
-             .agg(p=("p", lambda parts: np.concatenate(list(parts))), seconds=("seconds", "sum"))
+             .agg(p=("p", lambda parts: np.concatenate(list(parts))),
+                  covered=("covered", lambda parts: np.concatenate(list(parts))),
+                  seconds=("seconds", "sum"))
              .reset_index())
     table["reps"] = table.p.map(len)
     table["rejections"] = table.p.map(lambda p: int(np.sum(p < alpha)))
     table["rate"] = table.rejections / table.reps
     bounds = [wilson_interval(k, r) for k, r in zip(table.rejections, table.reps)]
     table["lo"], table["hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    hits = [(int(c.sum()), len(c)) for c in table.covered]
+    table["coverage"] = [k / m if m else np.nan for k, m in hits]
+    cover_bounds = [wilson_interval(k, m) if m else (np.nan, np.nan) for k, m in hits]
+    table["coverage_lo"] = [b[0] for b in cover_bounds]
+    table["coverage_hi"] = [b[1] for b in cover_bounds]
     order = {name: i for i, name in enumerate(SCENARIOS)}
     table = table.sort_values(["scenario", "n", "method"], key=lambda c: c.map(order) if c.name == "scenario"
                               else c.map({m: i for i, m in enumerate(METHODS)}) if c.name == "method" else c)
-    table = table.drop(columns="p").reset_index(drop=True)
+    table = table.drop(columns=["p", "covered"]).reset_index(drop=True)
     return table[[c for c in table.columns if c != "seconds"] + ["seconds"]]

@@ -45,8 +45,12 @@ def constructed_table(counts=COUNTS, reps=REPS) -> pd.DataFrame:
     for (scenario, n), by_method in counts.items():
         for method, k in by_method.items():
             lo, hi = wilson_interval(k, reps)
+            covered = reps - 10 if method == "crossfit" else None   # 95 % of the intervals cover
+            c_lo, c_hi = wilson_interval(covered, reps) if covered is not None else (np.nan, np.nan)
             rows.append(dict(scenario=scenario, kind=SCENARIOS[scenario].kind, n=n, method=method,
-                             reps=reps, rejections=k, rate=k / reps, lo=lo, hi=hi))
+                             reps=reps, rejections=k, rate=k / reps, lo=lo, hi=hi,
+                             coverage=covered / reps if covered is not None else np.nan,
+                             coverage_lo=c_lo, coverage_hi=c_hi))
     return pd.DataFrame(rows)
 
 
@@ -292,7 +296,8 @@ def test_every_glue_role_is_produced_by_the_chapter_module() -> None:
                 **chapter.size_power_values(table, 300, 0.05),
                 **chapter.claim_values(constructed_claims()),
                 **chapter.placebo_values(constructed_placebo(), "u_proxy", 300),
-                **chapter.verdict(table, 300, 0.05)}
+                **chapter.verdict(table, 300, 0.05),
+                **chapter.coverage_values(table, 300)}
     text = "\n".join(source(c) for c in code_cells())
     static = set(re.findall(r'glue\("(\w+)"', text))
     assert glue_roles(NOTEBOOK) <= set(produced) | static

@@ -678,6 +678,54 @@ def placebo_values(placebo: pd.DataFrame, scenario: str, n: int) -> dict:
     return values
 
 
+# --------------------------------------------------------------- coverage
+def coverage_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Coverage of the cross-fitted 95 % interval as text: rows (kind, scenario), columns n.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a"], "kind": ["null"], "n": [300], "method": ["crossfit"],
+    ...                   "coverage": [0.95], "coverage_lo": [0.91], "coverage_hi": [0.97]})
+    >>> coverage_table(t).loc[("null", "a"), 300]
+    '95 % (91.0–97.0 %)'
+    """
+    cells = table[(table.method == "crossfit") & table.coverage.notna()].copy()
+    cells["text"] = [f"{pct(c)} ({100 * lo:.1f}–{100 * hi:.1f} %)"
+                     for c, lo, hi in zip(cells.coverage, cells.coverage_lo, cells.coverage_hi)]
+    wide = cells.pivot_table(index=["kind", "scenario"], columns="n", values="text",
+                             aggfunc="first", sort=False)
+    wide.columns.name = "coverage at n ="
+    return wide
+
+
+def coverage_values(table: pd.DataFrame, n: int, nominal: float = 0.95) -> dict:
+    """Sentences on the cross-fitted interval's coverage: ``coverage_focus`` and ``coverage_low``.
+
+    A cell *under-covers* when its Wilson interval lies below ``nominal``.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "b"], "kind": "null", "n": 300, "method": "crossfit",
+    ...                   "coverage": [0.95, 0.80], "coverage_lo": [0.91, 0.74],
+    ...                   "coverage_hi": [0.97, 0.85]})
+    >>> v = coverage_values(t, 300)
+    >>> print(v["coverage_focus"])
+    at n = 300 the interval contains the true adjusted correlation in 80 %–95 % of the ledgers of a scenario
+    >>> print(v["coverage_low"])
+    it covers significantly less than 95 % on b at n = 300 (80 %)
+    """
+    cells = table[(table.method == "crossfit") & table.coverage.notna()]
+    focus = cells[cells.n == n]
+    low = cells[cells.coverage_hi < nominal].sort_values("coverage")
+    listing = [f"{r.scenario} at n = {r.n} ({pct(r.coverage)})" for r in low.itertuples()]
+    return {"coverage_focus": (f"at n = {n} the interval contains the true adjusted correlation "
+                               f"in {pct(focus.coverage.min())}–{pct(focus.coverage.max())} of the "
+                               "ledgers of a scenario"),
+            "coverage_low": (f"it covers significantly less than {pct(nominal)} on {and_join(listing)}"
+                             if listing
+                             else f"no cell covers significantly less than {pct(nominal)}")}
+
+
 # --------------------------------------------------------------- verdict
 def holders(table: pd.DataFrame, n: int, alpha: float) -> list[str]:
     """Methods that over-reject no null at ``n`` (no Wilson interval above alpha).
@@ -760,7 +808,8 @@ def verdict(table: pd.DataFrame, n: int, alpha: float) -> dict:
 
 
 __all__ = ["CLAIM_SCENARIOS", "METHOD_LABELS", "PLACEBO_SCENARIO", "POWER_GOAL", "Params",
-           "and_join", "claim_rates", "claim_values", "failures_sentence", "holders",
+           "and_join", "claim_rates", "claim_values", "coverage_table", "coverage_values",
+           "failures_sentence", "holders",
            "holders_sentence", "method_key", "null_status", "pct", "placebo_check",
            "placebo_values", "plot_rates", "power_sentence", "rates_at", "run_size_power",
            "scenario_table", "scenario_values", "size_power_values",
