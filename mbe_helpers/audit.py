@@ -665,6 +665,7 @@ class _Settings:
     placebos: int = 0
     alpha: float = ALPHA
     interval: str = "fisher-z"
+    draws: int = 999
     #: one control basis (and its cached fold spectra) per set of rows and controls, shared by
     #: the metrics and the placebos audited on the same rows within one call of :func:`audit`
     bases: dict = field(default_factory=dict, repr=False)
@@ -721,7 +722,7 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
         blocks = clean[settings.blocks].to_numpy() if settings.blocks else None
         row["perm_p"] = _permutation_p(design, settings.permutations, blocks, rng)
     if settings.adjust != "rank":
-        row.update(_adjusted(clean, metric, target, controls, clusters, settings, row))
+        row.update(_adjusted(clean, metric, target, controls, clusters, settings, rng, row))
     return row
 
 
@@ -749,7 +750,8 @@ def _control_arrays(frame: pd.DataFrame, controls: list[str]) -> tuple:
 
 
 def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str],
-              clusters: np.ndarray | None, settings: _Settings, row: dict) -> dict:
+              clusters: np.ndarray | None, settings: _Settings, rng: np.random.Generator,
+              row: dict) -> dict:
     """``adj_r, adj_p, adj_lo, adj_hi`` of the cross-fitted adjustment, or NaN with the reason."""
     empty = dict(adj_r=np.nan, adj_p=np.nan, adj_lo=np.nan, adj_hi=np.nan)
     problem = _crossfit_problem(len(clean), clusters, settings.folds, settings.adjust == "auto")
@@ -763,7 +765,8 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
         responses = np.column_stack([clean[target].to_numpy(float), clean[metric].to_numpy(float)])
         residuals, fits = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
         test = crossfit.gcm_test(residuals[:, 1], residuals[:, 0], clusters, settings.ci,
-                                 fitted_dof=float(fits.dof.mean()), fits=fits)
+                                 fitted_dof=float(fits.dof.mean()), fits=fits,
+                                 draws=settings.draws, rng=rng)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
         _note(row, f"the cross-fitted learner failed ({' '.join(str(exc).split())})")
         return {**empty, "adjust": "crossfit"}
@@ -1171,7 +1174,7 @@ def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settin
     y = clean[target].to_numpy(float)
     stacked = np.column_stack(list(kinds.values()))
     if adjust == "crossfit":
-        p_all = _crossfit_placebo_p(y, stacked, clean, controls, clusters, settings)
+        p_all = _crossfit_placebo_p(y, stacked, clean, controls, clusters, settings, rng)
     else:
         p_all = _rank_placebo_p(y, stacked, clean, target, controls)
     out = []
@@ -1201,10 +1204,10 @@ def _basis_and_folds(clean: pd.DataFrame, controls: list[str], clusters, setting
     return settings.bases[key]
 
 
-def _crossfit_placebo_p(y, columns, clean, controls, clusters, settings) -> np.ndarray:
+def _crossfit_placebo_p(y, columns, clean, controls, clusters, settings, rng) -> np.ndarray:
     basis, folds = _basis_and_folds(clean, controls, clusters, settings)
     residuals, fits = crossfit.crossfit_residuals(basis, np.column_stack([y, columns]), folds, keep=0)
-    return crossfit.gcm_test(residuals[:, 1:], residuals[:, 0], clusters, fits=fits).p
+    return crossfit.wild_gcm_p(residuals[:, 1:], residuals[:, 0], fits, settings.draws, rng, clusters)
 
 
 def _rank_placebo_p(y, columns, clean, target, controls) -> np.ndarray:
