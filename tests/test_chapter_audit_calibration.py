@@ -297,7 +297,8 @@ def test_every_glue_role_is_produced_by_the_chapter_module() -> None:
                 **chapter.claim_values(constructed_claims()),
                 **chapter.placebo_values(constructed_placebo(), "u_proxy", 300),
                 **chapter.verdict(table, 300, 0.05),
-                **chapter.coverage_values(table, 300)}
+                **chapter.coverage_values(table, 300),
+                **chapter.bootstrap_values(pd.DataFrame({"coverage": [0.94, 0.96]}))}
     text = "\n".join(source(c) for c in code_cells())
     static = set(re.findall(r'glue\("(\w+)"', text))
     assert glue_roles(NOTEBOOK) <= set(produced) | static
@@ -332,4 +333,9 @@ def test_smoke_run_glues_every_key_and_writes_artifacts(smoke_chapter) -> None:
     claims = pd.read_csv(results / "claims.csv")
     assert set(claims.scenario) == set(chapter.CLAIM_SCENARIOS) and (claims.reps == 20).all()
     assert len(pd.read_csv(results / "placebo.csv")) == 4
+    crossfit_rows = calibration[calibration.method == "crossfit"]
+    assert crossfit_rows.coverage.astype(float).between(0, 1).all()
+    boot = pd.read_csv(results / "bootstrap_coverage.csv")
+    assert set(boot.scenario) == set(chapter.BOOTSTRAP_SCENARIOS) and set(boot.interval) == {"raw", "partial"}
+    assert boot.coverage.between(0, 1).all() and (boot.reps == 20).all()
     assert (results / "size_power.png").stat().st_size > 20_000
