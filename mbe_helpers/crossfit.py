@@ -103,9 +103,9 @@ What was measured to choose it (:func:`mbe_helpers.simulate.run_calibration`,
   = 10. GCV minimises the prediction error, but the GCM needs the *product*
   of the two fits' errors to vanish faster than :math:`n^{-1/2}`, and the
   two fits of a proxy share their bias (on the U-shaped proxy the mean of
-  :math:`T` was +0.86 at n = 60). Dividing by 10 took that proxy from 11 %
-  to 7 % at n = 60 (100 repetitions) and left every other size and the
-  power within Monte Carlo error; dividing by 100 gained nothing more.
+  :math:`T` was +0.86 at n = 60). Dividing by 10 took that proxy from 14 %
+  to 9 % at n = 60 (100 repetitions, wild p) and left every other size and
+  the power within Monte Carlo error; dividing by 100 gained nothing more.
 
 Its known blind spot is a sharp step in a control (the step proxy): the
 ridge puts a ramp across the step and both fits share that bias (mean
@@ -560,10 +560,10 @@ def wild_scale(e_m: np.ndarray, e_y: np.ndarray, operators,
             continue
         train_codes = pd.factorize(codes[train])[0]
         q = _sum_by(weighted.T, train_codes).T                    # (n_test, training clusters)
-        test_codes = codes[test]
+        test_codes, e_test = codes[test], e_m[test]
         for g in np.unique(test_codes):
             rows = test_codes == g
-            expected_v += ((e_m[test][rows].T @ q[rows]) ** 2).sum(axis=1)
+            expected_v += ((e_test[rows].T @ q[rows]) ** 2).sum(axis=1)
     return var_star / np.maximum(expected_v, 1e-300)
 
 

@@ -381,7 +381,22 @@ def adjusted_truth(name: str, n: int = 20_000) -> float:
     if scenario.kind == "null":
         return 0.0
     rng = np.random.default_rng([12345, sum(map(ord, name))])
-    return float(crossfit_test(scenario.generate(rng, n), scenario, rng, fits=False).r)
+    return float(crossfit_test(truth_ledger(name, n, rng), scenario, rng, fits=False).r)
+
+
+def truth_ledger(name: str, n: int = 20_000, rng: np.random.Generator | None = None) -> pd.DataFrame:
+    """One large ledger of a scenario, on which an estimate stands in for its population value.
+
+    Drawn from ``default_rng([12345, ...])`` unless ``rng`` is given, so every
+    check of an interval against the truth uses the same ledger.
+
+    Examples
+    --------
+    >>> truth_ledger("u_proxy", 1000).shape
+    (1000, 3)
+    """
+    rng = np.random.default_rng([12345, sum(map(ord, name))]) if rng is None else rng
+    return SCENARIOS[name].generate(rng, n)
 
 
 def _calibration_cell(args) -> list[dict]:

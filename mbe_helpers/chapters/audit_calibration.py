@@ -35,7 +35,7 @@ import pandas as pd
 
 from mbe_helpers.audit import CLAIMS, audit, wilson_interval
 from mbe_helpers.chapters.params import AuditCalibrationParams, check
-from mbe_helpers.simulate import METHODS, SCENARIOS, run_calibration
+from mbe_helpers.simulate import METHODS, SCENARIOS, run_calibration, truth_ledger
 
 STEM = "05_audit_calibration"
 #: How the prose names each method of :func:`mbe_helpers.simulate.method_pvalues`.
@@ -219,6 +219,11 @@ def _cells(table: pd.DataFrame, n: int, method: str, kind: str) -> pd.DataFrame:
     return table[(table.n == n) & (table.method == method) & (table.kind == kind)]
 
 
+def _with_interval(rates, lows, highs) -> list[str]:
+    """Each rate as text with its interval: ``'5 % (2.7–9.0 %)'``."""
+    return [f"{pct(r)} ({100 * lo:.1f}–{100 * hi:.1f} %)" for r, lo, hi in zip(rates, lows, highs)]
+
+
 def rates_at(table: pd.DataFrame, n: int) -> pd.DataFrame:
     """The cells at one ``n`` as text ``rate (lo–hi)``: rows (kind, scenario), columns methods.
 
@@ -231,8 +236,7 @@ def rates_at(table: pd.DataFrame, n: int) -> pd.DataFrame:
     '5 % (2.7–9.0 %)'
     """
     cells = table[table.n == n].copy()
-    cells["text"] = [f"{pct(r)} ({100 * lo:.1f}–{100 * hi:.1f} %)"
-                     for r, lo, hi in zip(cells.rate, cells.lo, cells.hi)]
+    cells["text"] = _with_interval(cells.rate, cells.lo, cells.hi)
     wide = cells.pivot_table(index=["kind", "scenario"], columns="method", values="text",
                              aggfunc="first", sort=False)
     wide = wide[[m for m in METHODS if m in wide.columns]]
@@ -501,6 +505,17 @@ def _one_blas_thread() -> None:
     threadpool_limits(1)
 
 
+def _map_tasks(task, tasks: list, workers: int) -> list:
+    """``[task(t) for t in tasks]`` on ``workers`` processes, one BLAS thread each."""
+    from threadpoolctl import threadpool_limits
+
+    if workers > 1:
+        with ProcessPoolExecutor(workers, initializer=_one_blas_thread) as pool:
+            return list(pool.map(task, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
+    with threadpool_limits(1):                 # small matrices: BLAS threads only contend
+        return [task(t) for t in tasks]
+
+
 def claim_rates(scenarios: Sequence[str], n: int, reps: int, alpha: float, seed: int,
                 workers: int) -> pd.DataFrame:
     """How often the audit's class claims information on null ledgers, under ``auto`` and ``rank``.
@@ -523,16 +538,8 @@ def claim_rates(scenarios: Sequence[str], n: int, reps: int, alpha: float, seed:
     0  independent_null   auto  60     4       0
     1  independent_null   rank  60     4       0
     """
-    from threadpoolctl import threadpool_limits
-
     tasks = [(name, int(n), rep, seed, alpha) for name in scenarios for rep in range(reps)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers, initializer=_one_blas_thread) as pool:
-            rows = list(pool.map(_claim_task, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
-    else:
-        with threadpool_limits(1):                 # small matrices: BLAS threads only contend
-            rows = [_claim_task(t) for t in tasks]
-    return summarise_claims(pd.DataFrame(rows), n)
+    return summarise_claims(pd.DataFrame(_map_tasks(_claim_task, tasks, workers)), n)
 
 
 def summarise_claims(classes: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -690,8 +697,7 @@ def coverage_table(table: pd.DataFrame) -> pd.DataFrame:
     '95 % (91.0–97.0 %)'
     """
     cells = table[(table.method == "crossfit") & table.coverage.notna()].copy()
-    cells["text"] = [f"{pct(c)} ({100 * lo:.1f}–{100 * hi:.1f} %)"
-                     for c, lo, hi in zip(cells.coverage, cells.coverage_lo, cells.coverage_hi)]
+    cells["text"] = _with_interval(cells.coverage, cells.coverage_lo, cells.coverage_hi)
     wide = cells.pivot_table(index=["kind", "scenario"], columns="n", values="text",
                              aggfunc="first", sort=False)
     wide.columns.name = "coverage at n ="
@@ -733,9 +739,8 @@ BOOTSTRAP_RESAMPLES = 200
 
 def _rank_truth(name: str, n: int = 20_000) -> dict:
     """``raw_r`` and ``partial_r`` of a scenario on one ledger of ``n`` rows (the interval's target)."""
-    scenario = SCENARIOS[name]
-    frame = scenario.generate(np.random.default_rng([12345, sum(map(ord, name))]), n)
-    row = audit(frame, "metric", "target", list(scenario.controls), adjust="rank").table.iloc[0]
+    row = audit(truth_ledger(name, n), "metric", "target", list(SCENARIOS[name].controls),
+                adjust="rank").table.iloc[0]
     return {"raw": float(row.raw_r), "partial": float(row.partial_r)}
 
 
@@ -768,17 +773,10 @@ def bootstrap_coverage(scenarios: Sequence[str], n_values: Sequence[int], reps: 
     >>> t[["scenario", "n", "interval", "reps"]].values.tolist()
     [['genuine_increment', 60, 'partial', 4], ['genuine_increment', 60, 'raw', 4]]
     """
-    from threadpoolctl import threadpool_limits
-
     truths = {name: _rank_truth(name) for name in scenarios}
     tasks = [(name, int(n), rep, seed, truths[name], resamples)
              for name in scenarios for n in n_values for rep in range(reps)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers, initializer=_one_blas_thread) as pool:
-            rows = list(pool.map(_bootstrap_task, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
-    else:
-        with threadpool_limits(1):
-            rows = [_bootstrap_task(t) for t in tasks]
+    rows = _map_tasks(_bootstrap_task, tasks, workers)
     flat = pd.DataFrame([r for pair in rows for r in pair])
     out = (flat.groupby(["scenario", "n", "interval"], sort=False).covered
            .agg(["size", "sum"]).reset_index().rename(columns={"size": "reps", "sum": "covered"}))
