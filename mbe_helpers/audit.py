@@ -838,6 +838,10 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
     placebos : int
         Noise and proxy placebos per audited group for
         :attr:`AuditResult.calibration` (0 = none; 200 is a good check).
+        Their cross-fitted p-values come from :data:`PLACEBO_DRAWS` wild
+        refits (the metrics' from 999): a placebo only needs its decision at
+        ``alpha``, and :math:`(1 + \#\{|T^*| \ge |T|\}) / (1 + B)` is a valid
+        p-value for any number of draws B.
     alpha : float
         Level of the evidence rules and of the placebo calibration.
     interval : {"fisher-z", "percentile"}
@@ -1204,10 +1208,16 @@ def _basis_and_folds(clean: pd.DataFrame, controls: list[str], clusters, setting
     return settings.bases[key]
 
 
+#: Wild refits behind each placebo's cross-fitted p-value (its rejection at alpha = 0.05 is then
+#: p <= 9/200, a size of 4.5 %; the metrics' 999 draws give 4.9 %), a fifth of the metrics' cost.
+PLACEBO_DRAWS = 199
+
+
 def _crossfit_placebo_p(y, columns, clean, controls, clusters, settings, rng) -> np.ndarray:
     basis, folds = _basis_and_folds(clean, controls, clusters, settings)
     residuals, fits = crossfit.crossfit_residuals(basis, np.column_stack([y, columns]), folds, keep=0)
-    return crossfit.wild_gcm_p(residuals[:, 1:], residuals[:, 0], fits, settings.draws, rng, clusters)
+    return crossfit.wild_gcm_p(residuals[:, 1:], residuals[:, 0], fits,
+                               min(settings.draws, PLACEBO_DRAWS), rng, clusters)
 
 
 def _rank_placebo_p(y, columns, clean, target, controls) -> np.ndarray:

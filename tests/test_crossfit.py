@@ -237,3 +237,44 @@ def test_adjusted_interval_excludes_zero_only_where_the_test_rejects():
     test = crossfit.gcm_test(e[:, 1:], e[:, 0], fits=kept)
     excludes = (test.lo > 0) | (test.hi < 0)
     assert np.all(test.p[excludes] < 0.05)
+
+
+# ------------------------------------------------- repeated configurations: the same fit, faster
+@pytest.mark.parametrize("wide", [False, True])
+def test_fits_on_distinct_rows_equal_the_fits_on_all_rows(wide):
+    """A grid repeats each configuration over seeds; factorising its distinct rows changes nothing."""
+    import dataclasses
+
+    rng = np.random.default_rng(4)
+    configs, seeds = (30, 6) if wide else (60, 4)
+    grid = rng.uniform(size=(configs, 3 if wide else 1))
+    b = np.repeat(grid, seeds, axis=0)
+    n = len(b)
+    responses = np.column_stack([np.sin(3 * b[:, 0]) + rng.normal(0, .3, n), rng.normal(size=n)])
+    clusters = np.repeat(np.arange(configs), seeds)
+    folds = crossfit.fold_ids(n, 5, seed=0, clusters=clusters)
+    basis = crossfit.control_basis(b)
+    assert len(np.unique(basis.rows)) == configs
+    plain = dataclasses.replace(basis, rows=None, spectra={})
+    fast, kept_fast = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
+    slow, kept_slow = crossfit.crossfit_residuals(plain, responses, folds, keep=0)
+    assert np.allclose(fast, slow, atol=1e-10)
+    for (_, _, p_fast), (_, _, p_slow) in zip(kept_fast.folds, kept_slow.folds):
+        assert np.allclose(p_fast, p_slow, atol=1e-10)
+    columns = rng.normal(size=(n, 7))
+    assert kept_fast.compact[0] is not None and kept_slow.compact == [None] * 5
+    assert np.allclose(crossfit.refit_residuals(kept_fast, columns),
+                       crossfit.refit_residuals(kept_slow, columns), atol=1e-10)
+
+
+@pytest.mark.parametrize("clusters", [30, 3])
+def test_clustered_studentisation_equals_the_per_cluster_sums(clusters):
+    rng = np.random.default_rng(0)
+    n = 200
+    codes = rng.integers(0, clusters, size=n)
+    e_m, e_y = rng.normal(size=(n, 4)), rng.normal(size=(n, 7))
+    sums = e_m.T @ e_y
+    centred = [e_m[codes == g].T @ e_y[codes == g] - (codes == g).sum() * sums / n
+               for g in np.unique(codes)]
+    expected = sums / np.sqrt(sum(c**2 for c in centred))
+    assert np.allclose(crossfit._studentised(e_m, e_y, codes), expected, atol=1e-12)
