@@ -374,7 +374,7 @@ def method_key(method: str) -> str:
 def size_power_values(table: pd.DataFrame, n: int, alpha: float) -> dict:
     """Every value and sentence of the size-and-power sections.
 
-    Keys: ``reps, alpha_pct, focus_n, n_values_text``, and per
+    Keys: ``reps, alpha_pct, focus_n, n_values_text, timing``, and per
     method ``m`` (glue form, see :func:`method_key`) ``size_m, worst_m, trend_m,
     fails_m, power_m`` and ``held_m`` (how many nulls it holds at ``n``).
 
@@ -391,7 +391,8 @@ def size_power_values(table: pd.DataFrame, n: int, alpha: float) -> dict:
     interval contains 5 %
     """
     values = {"reps": int(table.reps.max()), "alpha_pct": pct(alpha), "focus_n": int(n),
-              "n_values_text": and_join([str(v) for v in sorted(table.n.unique())])}
+              "n_values_text": and_join([str(v) for v in sorted(table.n.unique())]),
+              "timing": timing_sentence(table)}
     for method in [m for m in METHODS if m in set(table.method)]:
         key = method_key(method)
         nulls = _cells(table, n, method, "null")
@@ -402,6 +403,24 @@ def size_power_values(table: pd.DataFrame, n: int, alpha: float) -> dict:
         values[f"fails_{key}"] = failures_sentence(table, method, alpha)
         values[f"power_{key}"] = power_sentence(table, method, n)
     return values
+
+
+def timing_sentence(table: pd.DataFrame) -> str:
+    """How long the simulation took: worker seconds, and per ledger for all its methods.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["a", "a", "b"], "n": [60, 60, 300], "method": ["raw", "crossfit", "raw"],
+    ...                   "reps": 200, "seconds": [4.0, 4.0, 6.0]})
+    >>> timing_sentence(t)
+    'its 400 simulated ledgers took 10 s of worker time, 25.0 ms per ledger for all 2 methods'
+    """
+    if "seconds" not in table:
+        return "its table has no timing (no seconds column)"
+    cells = table.drop_duplicates(["scenario", "n"])
+    ledgers, seconds = int(cells.reps.sum()), float(cells.seconds.sum())
+    return (f"its {ledgers:,} simulated ledgers took {seconds:,.0f} s of worker time, "
+            f"{1e3 * seconds / ledgers:.1f} ms per ledger for all {table.method.nunique()} methods")
 
 
 def plot_rates(table: pd.DataFrame, alpha: float, ncols: int = 4):
