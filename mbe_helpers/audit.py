@@ -762,11 +762,9 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
         return {**empty, "adjust": adjust}
     try:
         basis, folds = _basis_and_folds(clean, controls, clusters, settings)
-        responses = np.column_stack([clean[target].to_numpy(float), clean[metric].to_numpy(float)])
-        residuals, fits = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
-        test = crossfit.gcm_test(residuals[:, 1], residuals[:, 0], clusters, settings.ci,
-                                 fitted_dof=float(fits.dof.mean()), fits=fits,
-                                 draws=settings.draws, rng=rng)
+        test = crossfit.adjusted_test(basis, clean[target].to_numpy(float),
+                                      clean[metric].to_numpy(float), folds, clusters, settings.ci,
+                                      settings.draws, rng)
     except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
         _note(row, f"the cross-fitted learner failed ({' '.join(str(exc).split())})")
         return {**empty, "adjust": "crossfit"}

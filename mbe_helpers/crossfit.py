@@ -187,9 +187,18 @@ class ControlBasis:
     #: (n,) codes, equal exactly where two rows have the same controls (and so the same basis row)
     rows: np.ndarray | None = None
     #: per (training rows, interaction scale): the training fold's spectrum, computed once and
-    #: shared by every call on this basis (the target, the metrics and the placebos); per
-    #: ("basis", scale): the basis with its interaction block at that scale
+    #: shared by every call on this basis (the target, the metrics and the placebos)
     spectra: dict = field(default_factory=dict, repr=False, compare=False)
+    #: per interaction scale: the basis at that scale (see :meth:`scaled`)
+    _scaled: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def scaled(self, scale: float) -> np.ndarray:
+        """The basis with its interaction block multiplied by ``scale`` (0: main effects only)."""
+        if not scale:
+            return self.main
+        if scale not in self._scaled:
+            self._scaled[scale] = np.hstack([self.main, scale * self.interactions])
+        return self._scaled[scale]
 
     @property
     def n(self) -> int:
@@ -365,24 +374,38 @@ def _distinct_spectrum(x: np.ndarray, mean: np.ndarray, test: np.ndarray,
     :math:`X = (E C^{-1/2} U_z) D V^\top` with orthonormal :math:`E C^{-1/2}
     U_z`: the same thin SVD from an :math:`m`-row problem.
     """
-    if rows is not None:
-        _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True,
-                                              return_counts=True)
-        if len(first) <= 0.8 * len(rows):                  # enough repeats to be worth it
-            root = np.sqrt(counts)[:, None]
-            left, right, d, test_v = _spectrum((x[first] - mean) * root, test - mean)
-            return (left / root)[inverse.ravel()], right, d, test_v
-    return _spectrum(x - mean, test - mean)
+    distinct = _distinct_rows(rows, most=0.8)
+    if distinct is None:
+        return _spectrum(x - mean, test - mean)
+    first, inverse, counts = distinct
+    root = np.sqrt(counts)[:, None]
+    left, right, d, test_v = _spectrum((x[first] - mean) * root, test - mean)
+    return (left / root)[inverse], right, d, test_v
+
+
+def _distinct_rows(rows: np.ndarray | None, most: float):
+    """``(first, inverse, counts)`` of the distinct codes in ``rows``, or None when there are
+    none or more than ``most`` of them per row (too few repeats to be worth factorising).
+
+    Examples
+    --------
+    >>> [a.tolist() for a in _distinct_rows(np.array([4, 2, 4, 4]), most=0.5)]
+    [[1, 0], [1, 0, 1, 1], [1, 3]]
+    >>> _distinct_rows(np.array([4, 2, 3]), most=0.5) is None
+    True
+    """
+    if rows is None:
+        return None
+    _, first, inverse, counts = np.unique(rows, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    return (first, inverse.ravel(), counts) if len(first) <= most * len(rows) else None
 
 
 def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, scale: float):
     """The :class:`_Spectrum` of the centred training basis at this interaction scale, cached."""
     key = (train.tobytes(), scale)
     if key not in basis.spectra:
-        if ("basis", scale) not in basis.spectra:
-            basis.spectra[("basis", scale)] = (np.hstack([basis.main, scale * basis.interactions])
-                                               if scale else basis.main)
-        x = basis.spectra[("basis", scale)]
+        x = basis.scaled(scale)
         mean_x = x[train].mean(axis=0)
         if x.shape[1] == 0:
             basis.spectra[key] = _Spectrum(mean_x, None, None, None, None)
@@ -499,15 +522,14 @@ def _compact_projection(projection: np.ndarray, rows: np.ndarray | None, test: n
     indicators :math:`E, F`, costs a sum per configuration and an
     :math:`m_{test} \times m_{train}` product instead of the full one.
     """
-    if rows is None:
+    distinct_train = _distinct_rows(None if rows is None else rows[train], most=0.5)
+    if distinct_train is None:
         return None
-    _, first_train, train_codes = np.unique(rows[train], return_index=True, return_inverse=True)
-    if len(first_train) > 0.5 * len(train_codes):
-        return None
-    _, first_test, test_codes = np.unique(rows[test], return_index=True, return_inverse=True)
-    sums = sparse.csr_matrix((np.ones(len(train_codes)), (train_codes.ravel(), np.flatnonzero(train))),
+    first_train, train_codes, _ = distinct_train
+    first_test, test_codes, _ = _distinct_rows(rows[test], most=1.0)
+    sums = sparse.csr_matrix((np.ones(len(train_codes)), (train_codes, np.flatnonzero(train))),
                              shape=(len(first_train), len(train)))    # E^T over all n rows
-    return projection[np.ix_(first_test, first_train)], sums, test_codes.ravel()
+    return projection[np.ix_(first_test, first_train)], sums, test_codes
 
 
 @dataclass(frozen=True)
@@ -784,6 +806,29 @@ def gcm_test(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None = Non
     if single:
         fields = tuple(float(v[0]) for v in fields)
     return GCMTest(*fields, dof=dof)
+
+
+def adjusted_test(basis: ControlBasis, target: np.ndarray, metrics: np.ndarray, folds: np.ndarray,
+                  clusters: np.ndarray | None = None, ci: float = 0.95, draws: int = 999,
+                  rng: np.random.Generator | None = None) -> GCMTest:
+    """The audit's cross-fitted test: residualise ``target`` and ``metrics`` (n,) or (n, K) on
+    the basis, then :func:`gcm_test` calibrated by ``draws`` wild refits of the target's fits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.uniform(-2.5, 2.5, 300)
+    >>> test = adjusted_test(control_basis(b[:, None]), b**2 + rng.normal(0, .4, 300),
+    ...                      b**2 + rng.normal(0, .2, 300), fold_ids(300, 5), draws=199)
+    >>> bool(test.p > 0.01), bool(test.lo < test.r < test.hi)
+    (True, True)
+    """
+    responses = np.column_stack([target, metrics])
+    residuals, fits = crossfit_residuals(basis, responses, folds, keep=0)
+    metric_residuals = residuals[:, 1] if np.ndim(metrics) == 1 else residuals[:, 1:]
+    return gcm_test(metric_residuals, residuals[:, 0], clusters, ci, fitted_dof=float(fits.dof.mean()),
+                    fits=fits, draws=draws, rng=rng)
 
 
 def _correlation_interval(e_m: np.ndarray, e_y: np.ndarray, clusters, ci: float, dof: int,

@@ -358,13 +358,11 @@ def crossfit_test(frame: pd.DataFrame, scenario: Scenario, rng: np.random.Genera
     numeric, categorical = mbe._control_arrays(frame, list(scenario.controls))
     basis = crossfit.control_basis(numeric, categorical, n=len(frame))
     fold = crossfit.fold_ids(len(frame), folds, int(rng.integers(2**31)), clusters)
-    responses = frame[["target", "metric"]].to_numpy(float)
     if not fits:
-        res = crossfit.crossfit_residuals(basis, responses, fold)
+        res = crossfit.crossfit_residuals(basis, frame[["target", "metric"]].to_numpy(float), fold)
         return crossfit.gcm_test(res[:, 1], res[:, 0], clusters)
-    res, kept = crossfit.crossfit_residuals(basis, responses, fold, keep=0)
-    return crossfit.gcm_test(res[:, 1], res[:, 0], clusters, fitted_dof=float(kept.dof.mean()),
-                             fits=kept, draws=draws, rng=rng)
+    return crossfit.adjusted_test(basis, frame.target.to_numpy(float), frame.metric.to_numpy(float),
+                                  fold, clusters, draws=draws, rng=rng)
 
 
 @functools.lru_cache(maxsize=None)
