@@ -74,7 +74,14 @@ A linear smoother: ridge regression on a basis of the controls,
   features (a cubic B-spline with two interior knots for a numeric rank, the
   one-hot columns of a category), plus the bilinear product of two numeric
   ranks with a nine times weaker penalty (the commonest interaction): a best
-  learning rate that moves with the optimizer or the width is absorbed.
+  learning rate that moves with the optimizer or the width is absorbed;
+* every numeric control with many values adds one step column
+  :math:`3\,(u > \kappa)`, cut on each fold where the running mean of the
+  target's training ranks jumps most (:func:`_step_cuts`). The cut comes
+  from the target alone, so one factorisation per fold still serves every
+  metric and placebo; and the GCM's bias is the product of the two fits'
+  errors, so a step that the target shares with a metric is removed once
+  the target's fit has it.
 
 Inside each training fold the complexity is chosen by generalised
 cross-validation: a grid of ridge penalties and a scale of the interaction
@@ -105,7 +112,7 @@ What was measured to choose it (:func:`mbe_helpers.simulate.run_calibration`,
   (``bench/learner_scales.py``, seeds 5-8) the mean size on the nulls was
   5.38 % against 5.35 %, the same four cells lay outside [2 %, 8 %], the
   power was unchanged, and the Monte Carlo took 27 % less time;
-* leave-one-out instead of GCV, step functions, a second single-index
+* leave-one-out instead of GCV, fixed step functions, a second single-index
   stage, finer pair splines and hinges that multiply with n cost 2-5x the
   time and lowered no size;
 * undersmoothing: the penalty GCV picks is divided by :data:`UNDERSMOOTH`
@@ -116,19 +123,21 @@ What was measured to choose it (:func:`mbe_helpers.simulate.run_calibration`,
   to 9 % at n = 60 (100 repetitions, wild p) and left every other size and
   the power within Monte Carlo error; dividing by 100 gained nothing more.
 
-Its known blind spot is a sharp step in a control (the step proxy): the
-ridge puts a ramp across the step and both fits share that bias (mean
-:math:`T` +0.7 at n = 300, +1.0 at n = 1000). Over 400 repetitions (seeds
-5-8) its size is 9, 7, 6 and 13 % at n = 60, 150, 300 and 1000; 48 or 96
-hinges, step indicators beside the hinges and a penalty divided by 100 all
-left it at 16-23 % at n = 300 on seeds where it was 13-19 % (measured
-before the undersmoothing). Near-noiseless confounding
-through many controls at small n is the other. The placebo
-self-calibration of :func:`mbe_helpers.audit.audit` checks the adjustment
-on a user's own data against smooth proxies; its proxy placebos have no
-steps, so it does not probe this case (a control with at most
-:data:`LEVELS_AS_CATEGORY` levels is one-hot encoded, and any step in it is
-fitted exactly).
+A sharp step in a control (the step proxy) was its blind spot without the
+step column: the ridge put a ramp across the step, both fits shared that
+bias (mean :math:`T` +0.7 at n = 300, +1.0 at n = 1000), and the size was
+9.5, 7, 6.5 and 15 % at n = 60, 150, 300 and 1000 (200 repetitions, seed
+5); 48 or 96 hinges, fixed step indicators beside the hinges and a
+penalty divided by 100 had left it at 16-23 % at n = 300. With the step
+column it is 8, 6.5, 6.5 and 6 % (seed 5) and 5.5, 6, 6 and 4 % (seed 6),
+the other sizes stay within Monte Carlo error and the Monte Carlo takes 14 %
+longer. A step whose place moves with another control is not modelled.
+Near-noiseless confounding through many controls at small n is the other
+known weakness. The placebo self-calibration of
+:func:`mbe_helpers.audit.audit` checks the adjustment on a user's own data
+against smooth proxies; its proxy placebos have no steps (a control with
+at most :data:`LEVELS_AS_CATEGORY` levels is one-hot encoded, and any step
+in it is fitted exactly).
 
 Examples
 --------
@@ -168,6 +177,7 @@ _HINGES = 24                                  # interior knots of a numeric cont
 _PAIR_KNOTS = 2                               # interior knots of each factor of a pairwise term
 #: The penalty used is the one GCV picks divided by this (undersmoothing, see the module docstring).
 UNDERSMOOTH = 10.0
+_STEP_SCALE = 3.0                             # weight of the target's step columns
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,8 @@ class ControlBasis:
     interactions: np.ndarray  # (n, p_int)
     #: (n,) codes, equal exactly where two rows have the same controls (and so the same basis row)
     rows: np.ndarray | None = None
+    #: (n, k) ranks in (0, 1] of the numeric controls with more than LEVELS_AS_CATEGORY values
+    ranks: np.ndarray | None = None
     #: per (training rows, interaction scale): the training fold's spectrum, computed once and
     #: shared by every call on this basis (the target, the metrics and the placebos)
     spectra: dict = field(default_factory=dict, repr=False, compare=False)
@@ -277,14 +289,16 @@ def control_basis(numeric: np.ndarray | None = None,
             low.append(dummies)
     pairs = [(a[:, :, None] * b[:, None, :]).reshape(n, -1)
              for i, a in enumerate(low) for b in low[i + 1:]]
-    centred = [np.sqrt(12.0) * (stats.rankdata(c) / n - 0.5) for c, wide in zip(columns, kinds) if wide]
+    ranks = [stats.rankdata(c) / n for c, wide in zip(columns, kinds) if wide]
+    centred = [np.sqrt(12.0) * (u - 0.5) for u in ranks]
     pairs += [3.0 * (a * b)[:, None] for i, a in enumerate(centred) for b in centred[i + 1:]]
     empty = np.empty((n, 0))
     codes = [pd.factorize(c)[0] for c in columns]
     rows = (np.unique(np.column_stack(codes), axis=0, return_inverse=True)[1].ravel()
             if codes else np.zeros(n, dtype=int))
     return ControlBasis(main=np.hstack(main) if main else empty,
-                        interactions=np.hstack(pairs) if pairs else empty, rows=rows)
+                        interactions=np.hstack(pairs) if pairs else empty, rows=rows,
+                        ranks=np.column_stack(ranks) if ranks else empty)
 
 
 def fold_ids(n: int, folds: int, seed: int = 0, clusters: np.ndarray | None = None) -> np.ndarray:
@@ -401,11 +415,47 @@ def _distinct_rows(rows: np.ndarray | None, most: float):
     return (first, inverse.ravel(), counts) if len(first) <= most * len(rows) else None
 
 
-def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, scale: float):
-    """The :class:`_Spectrum` of the centred training basis at this interaction scale, cached."""
-    key = (train.tobytes(), scale)
+def _step_cuts(ranks: np.ndarray, y: np.ndarray) -> np.ndarray:
+    r"""Per column of ``ranks`` (m, k), the cut :math:`\kappa` where ``y`` (m,) jumps most.
+
+    Sorted by the control, the rows' running means over :math:`w =
+    \max(8, \lfloor\sqrt m\rfloor)` rows on either side of each gap
+    between distinct values are compared; the gap with the largest
+    :math:`|\bar y_{\text{right}} - \bar y_{\text{left}}|` gives
+    :math:`\kappa`, the midpoint of the gap. A smooth response jumps by its
+    slope times the window; a step by its height.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = np.arange(1, 201) / 200
+    >>> y = (u > 0.6) + 0.5 * u + np.random.default_rng(0).normal(0, 0.3, 200)
+    >>> _step_cuts(u[:, None], y).round(4).tolist()
+    [0.6025]
+    """
+    m = len(y)
+    window = max(8, int(np.sqrt(m)))
+    cuts = []
+    for u in ranks.T:
+        order = np.argsort(u, kind="stable")
+        sorted_u, sums = u[order], np.r_[0.0, np.cumsum(y[order])]
+        gap = np.arange(window, m - window + 1)           # rows gap-w..gap-1 | gap..gap+w-1
+        jump = np.abs(sums[gap + window] - 2 * sums[gap] + sums[gap - window])
+        jump[sorted_u[gap - 1] >= sorted_u[np.minimum(gap, m - 1)]] = -1.0   # ties: no gap
+        best = gap[np.argmax(jump)] if len(gap) else m // 2
+        cuts.append(0.5 * (sorted_u[best - 1] + sorted_u[min(best, m - 1)]))
+    return np.array(cuts)
+
+
+def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, scale: float,
+                   cuts: np.ndarray | None = None):
+    """The :class:`_Spectrum` of the centred training basis at this interaction scale, with the
+    step columns :math:`(u > \kappa)` at ``cuts`` (one per numeric rank) when given; cached."""
+    key = (train.tobytes(), scale, None if cuts is None else cuts.tobytes())
     if key not in basis.spectra:
         x = basis.scaled(scale)
+        if cuts is not None and len(cuts):
+            x = np.hstack([x, _STEP_SCALE * (basis.ranks > cuts)])
         mean_x = x[train].mean(axis=0)
         if x.shape[1] == 0:
             basis.spectra[key] = _Spectrum(mean_x, None, None, None, None)
@@ -446,7 +496,7 @@ def _ridge_gcv_predict(spectrum, y: np.ndarray, n_test: int):
 
 
 def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.ndarray,
-                       keep: int | None = None):
+                       keep: int | None = None, anchor: int | None = 0):
     r"""Out-of-fold residuals of the ranked responses given the controls.
 
     Each column of ``responses`` is ranked and scaled to (0, 1]; on every
@@ -454,7 +504,9 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     other folds, with the penalty and the scale of the interaction block
     chosen per response by GCV inside the training rows. The folds' spectra
     are cached on ``basis``, so residualising more columns later on the same
-    basis and folds costs only matrix products.
+    basis and folds costs only matrix products. On every fold the basis
+    also has one step column per numeric control, cut where the training
+    rows of response ``anchor`` (the target) jump most (:func:`_step_cuts`).
 
     Parameters
     ----------
@@ -463,6 +515,8 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     folds : (n,) int array of fold numbers
     keep : int, optional
         Also return the fits chosen for response ``keep`` (for :func:`refit_residuals`).
+    anchor : int or None, default 0
+        The response whose steps enter the basis (None: no step columns).
 
     Returns
     -------
@@ -481,13 +535,15 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     ranked = stats.rankdata(responses, axis=0) / len(responses)
     out = np.empty_like(ranked)
     operators, compact, dof = [], [], np.zeros(ranked.shape[1])
+    steps = anchor is not None and basis.ranks is not None and basis.ranks.shape[1] > 0
     for fold in np.unique(folds):
         test, train = folds == fold, folds != fold
+        cuts = _step_cuts(basis.ranks[train], ranked[train, anchor]) if steps else None
         best_pred, best_score, best_op, best_dof = None, None, None, None
         for scale in _INTERACTION_SCALES:
             if scale and basis.interactions.shape[1] == 0:
                 continue
-            spectrum = _fold_spectrum(basis, train, test, scale)
+            spectrum = _fold_spectrum(basis, train, test, scale, cuts)
             pred, score, op = _ridge_gcv_predict(spectrum, ranked[train], int(test.sum()))
             if best_pred is None:
                 best_pred, best_score, best_op, best_dof = pred, score, op, op[3].copy()
@@ -799,7 +855,7 @@ def gcm_test(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None = Non
         rng = np.random.default_rng(0) if rng is None else rng
         p = wild_gcm_p(e_m, e_y[:, 0], fits, draws, rng, clusters)
         tau2 = wild_scale(e_m, e_y[:, 0], fits, clusters)
-        covers_zero = p >= 1.0 - ci                  # not significant at the interval's level
+        covers_zero = p >= round(1.0 - ci, 12)       # not significant at its level (p = alpha is not)
     r, lo, hi = _correlation_interval(e_m, e_y, clusters, ci, dof, fitted_dof,
                                       np.maximum(tau2, 1.0), covers_zero)
     fields = (r, lo, hi, statistic, p)

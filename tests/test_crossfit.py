@@ -278,3 +278,18 @@ def test_clustered_studentisation_equals_the_per_cluster_sums(clusters):
                for g in np.unique(codes)]
     expected = sums / np.sqrt(sum(c**2 for c in centred))
     assert np.allclose(crossfit._studentised(e_m, e_y, codes), expected, atol=1e-12)
+
+
+def test_the_target_step_column_removes_the_step_proxy_bias():
+    """Without the step column both fits put a ramp across the step and share its bias."""
+    scenario = SCENARIOS["step_proxy"]
+    statistics = {0: [], None: []}
+    for seed in range(40):
+        frame = scenario.generate(np.random.default_rng(seed), 1000)
+        basis = crossfit.control_basis(frame[["b"]].to_numpy())
+        folds = crossfit.fold_ids(1000, 5, seed=seed)
+        for anchor in statistics:
+            e = crossfit.crossfit_residuals(basis, frame[["target", "metric"]].to_numpy(), folds,
+                                            anchor=anchor)
+            statistics[anchor].append(crossfit.gcm_test(e[:, 1], e[:, 0]).statistic)
+    assert abs(np.mean(statistics[0])) < 0.3 < 0.6 < np.mean(statistics[None])
