@@ -449,7 +449,7 @@ def _step_cuts(ranks: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, scale: float,
                    cuts: np.ndarray | None = None):
-    """The :class:`_Spectrum` of the centred training basis at this interaction scale, with the
+    r"""The :class:`_Spectrum` of the centred training basis at this interaction scale, with the
     step columns :math:`(u > \kappa)` at ``cuts`` (one per numeric rank) when given; cached."""
     key = (train.tobytes(), scale, None if cuts is None else cuts.tobytes())
     if key not in basis.spectra:
