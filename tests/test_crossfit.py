@@ -285,9 +285,9 @@ def test_the_target_step_column_removes_the_step_proxy_bias():
     scenario = SCENARIOS["step_proxy"]
     statistics = {0: [], None: []}
     for seed in range(40):
-        frame = scenario.generate(np.random.default_rng(seed), 1000)
+        frame = scenario.generate(np.random.default_rng(seed), 2000)
         basis = crossfit.control_basis(frame[["b"]].to_numpy())
-        folds = crossfit.fold_ids(1000, 5, seed=seed)
+        folds = crossfit.fold_ids(2000, 5, seed=seed)
         for anchor in statistics:
             e = crossfit.crossfit_residuals(basis, frame[["target", "metric"]].to_numpy(), folds,
                                             anchor=anchor)
