@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from mbe_helpers import simulate
+from mbe_helpers.chapters.audit_calibration import rates_at
 from mbe_helpers.simulate import Scenario, run_calibration
 
 
@@ -98,11 +99,10 @@ def main() -> None:
     start = time.perf_counter()
     table = run_calibration([s.name for s in UNSEEN], n=args.n, reps=args.reps,
                             methods=("rank-t", "crossfit"), seed=args.seed, progress=False)
-    table["cell"] = [f"{r:5.1%} [{lo:.1%}, {hi:.1%}]" for r, lo, hi in
-                     zip(table.rate, table.lo, table.hi)]
     pd.set_option("display.width", 200)
     print(f"{args.reps} repetitions per cell, seed {args.seed} ({time.perf_counter() - start:.0f} s)")
-    print(table.pivot(index=["scenario", "method"], columns="n", values="cell").to_string())
+    for n in args.n:
+        print(rates_at(table, n).to_string(), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,7 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -231,9 +232,12 @@ class ControlBasis:
     ranks: np.ndarray | None = None
     #: (n, k) codes of the controls that are one-hot encoded (categories, few-level numbers)
     levels: np.ndarray | None = None
-    #: per (training rows, interaction scale): the training fold's spectrum, computed once and
-    #: shared by every call on this basis (the target, the metrics and the placebos)
+    #: per (training rows, interaction scale, target digest): the training fold's spectrum,
+    #: computed once and shared by every call on this basis (the target, the metrics and the
+    #: placebos)
     spectra: dict = field(default_factory=dict, repr=False, compare=False)
+    #: per (training rows, target digest): the fold's step columns (see :func:`_step_columns`)
+    steps: dict = field(default_factory=dict, repr=False, compare=False)
     #: per interaction scale: the basis at that scale (see :meth:`scaled`)
     _scaled: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -511,16 +515,31 @@ def _level_steps(basis: ControlBasis, train: np.ndarray, y: np.ndarray) -> np.nd
     return np.hstack(columns) if columns else np.empty((basis.n, 0))
 
 
+def _step_columns(basis: ControlBasis, train: np.ndarray, y: np.ndarray) -> bytes:
+    r"""The digest of the target's training values ``y[train]`` under which the fold's step
+    columns are cached in ``basis.steps``: :math:`3\,(u > \kappa)` per numeric rank
+    (:func:`_step_cuts`), then the per-level steps (:func:`_level_steps`). They are built once
+    per fold and target, and shared by the metrics' and the placebos' passes."""
+    digest = hashlib.blake2b(y[train].tobytes()).digest()
+    key = (train.tobytes(), digest)
+    if key not in basis.steps:
+        columns = [basis.ranks > _step_cuts(basis.ranks[train], y[train])]
+        if basis.levels.shape[1]:
+            columns.append(_level_steps(basis, train, y))
+        basis.steps[key] = _STEP_SCALE * np.hstack(columns)
+    return digest
+
+
 def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, scale: float,
-                   cuts: np.ndarray | None = None):
+                   steps: bytes | None = None):
     r"""The :class:`_Spectrum` of the centred training basis at this interaction scale, with the
-    step columns :math:`(u > \kappa)` at ``cuts`` (one per numeric rank) when given; cached."""
-    import hashlib
-    key = (train.tobytes(), scale, None if cuts is None else hashlib.blake2b(cuts.tobytes()).digest())
+    fold's step columns cached under the digest ``steps`` (:func:`_step_columns`) when given;
+    cached."""
+    key = (train.tobytes(), scale, steps)
     if key not in basis.spectra:
         x = basis.scaled(scale)
-        if cuts is not None and cuts.shape[1]:
-            x = np.hstack([x, cuts])
+        if steps is not None:
+            x = np.hstack([x, basis.steps[train.tobytes(), steps]])
         mean_x = x[train].mean(axis=0)
         if x.shape[1] == 0:
             basis.spectra[key] = _Spectrum(mean_x, None, None, None, None)
@@ -601,20 +620,15 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     ranked = stats.rankdata(responses, axis=0) / len(responses)
     out = np.empty_like(ranked)
     operators, compact, dof = [], [], np.zeros(ranked.shape[1])
-    steps = anchor is not None and basis.ranks is not None and basis.ranks.shape[1] > 0
+    has_steps = anchor is not None and basis.ranks is not None and basis.ranks.shape[1] > 0
     for fold in np.unique(folds):
         test, train = folds == fold, folds != fold
-        cols = []
-        if steps:
-            cols.append(_STEP_SCALE * (basis.ranks > _step_cuts(basis.ranks[train], ranked[train, anchor])))
-        if steps and basis.levels.shape[1]:
-            cols.append(_STEP_SCALE * _level_steps(basis, train, ranked[:, anchor]))
-        cuts = np.hstack(cols) if cols else None
+        steps = _step_columns(basis, train, ranked[:, anchor]) if has_steps else None
         best_pred, best_score, best_op, best_dof = None, None, None, None
         for scale in _INTERACTION_SCALES:
             if scale and basis.interactions.shape[1] == 0:
                 continue
-            spectrum = _fold_spectrum(basis, train, test, scale, cuts)
+            spectrum = _fold_spectrum(basis, train, test, scale, steps)
             pred, score, op = _ridge_gcv_predict(spectrum, ranked[train], int(test.sum()))
             if best_pred is None:
                 best_pred, best_score, best_op, best_dof = pred, score, op, op[3].copy()
