@@ -212,6 +212,44 @@ _STEP_SCALE = 3.0                             # weight of the target's step colu
 _LEVEL_STEP_ROWS = 40                         # fewest training rows of a level for its own step
 
 
+def column_ranks(values: np.ndarray) -> np.ndarray:
+    r"""Average ranks 1..n of each column of ``values`` (n,) or (n, R), ties sharing their mean.
+
+    The same numbers as ``scipy.stats.rankdata(values, axis=0)`` (which it falls
+    back to with NaN), 3x faster on the audit's 680 x 401 placebo block: one
+    unstable sort per column (a tie's rank does not depend on the order within
+    it), and the tie groups' first and last positions by running extrema,
+    :math:`\operatorname{rank} = (\text{first} + \text{last}) / 2`.
+
+    Examples
+    --------
+    >>> column_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist()
+    [3.5, 1.0, 3.5, 2.0]
+    """
+    values = np.asarray(values, dtype=float)
+    if values.ndim == 1:
+        return column_ranks(values[:, None])[:, 0]
+    if values.size == 0 or np.isnan(values).any():
+        return stats.rankdata(values, axis=0)
+    columns = np.ascontiguousarray(values.T)                 # sort along contiguous rows
+    order = np.argsort(columns, axis=1)
+    ordered = np.take_along_axis(columns, order, axis=1)
+    starts = np.ones(ordered.shape, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    position = np.arange(1.0, len(values) + 1)
+    if starts.all():
+        ranked = np.broadcast_to(position, ordered.shape)
+    else:
+        ends = np.ones(ordered.shape, dtype=bool)
+        ends[:, :-1] = starts[:, 1:]
+        first = np.maximum.accumulate(np.where(starts, position, 0.0), axis=1)
+        last = np.minimum.accumulate(np.where(ends, position, np.inf)[:, ::-1], axis=1)[:, ::-1]
+        ranked = (first + last) / 2
+    out = np.empty_like(columns)
+    np.put_along_axis(out, order, ranked, axis=1)
+    return out.T
+
+
 @dataclass(frozen=True)
 class ControlBasis:
     """The learner's features: main-effect columns and pairwise-interaction columns.
@@ -377,20 +415,25 @@ class _Spectrum:
     the test rows in :math:`V`."""
 
     mean: np.ndarray          # (p,) the training rows' mean of the basis
-    left: np.ndarray | None   # (n_train, q), None when the basis has no columns
+    left: np.ndarray | None   # (n_train, q) or, with ``pool``, (m, q); None without columns
     right: np.ndarray | None  # (q, r)
     d: np.ndarray | None      # (r,)
     test_v: np.ndarray | None  # (n_test, r)
+    #: (m, n_train) sparse indicator :math:`E^\top` of the training rows' distinct rows, when
+    #: ``left`` holds one row per distinct row (:math:`L = E L_u`); None when it holds every row
+    pool: sparse.csr_matrix | None = None
 
     def project(self, y: np.ndarray) -> np.ndarray:
-        r""":math:`U^\top y` for training columns ``y`` (n_train, R)."""
-        a = self.left.T @ y
+        r""":math:`U^\top y` for training columns ``y`` (n_train, R); with ``pool``,
+        :math:`L_u^\top (E^\top y)`: sums per distinct row, then an m-row product."""
+        a = self.left.T @ (y if self.pool is None else self.pool @ y)
         return a if self.right is None else self.right.T @ a
 
     def test_fit(self, weights: np.ndarray) -> np.ndarray:
         r""":math:`(T_V \operatorname{diag}(w)) U^\top`: the test rows' fit of training responses."""
         rows = self.test_v * weights
-        return (rows if self.right is None else rows @ self.right.T) @ self.left.T
+        fit = (rows if self.right is None else rows @ self.right.T) @ self.left.T
+        return fit if self.pool is None else np.asarray(fit @ self.pool)
 
 
 def _spectrum(x: np.ndarray, test: np.ndarray) -> tuple:
@@ -419,21 +462,25 @@ def _spectrum(x: np.ndarray, test: np.ndarray) -> tuple:
 def _distinct_spectrum(x: np.ndarray, mean: np.ndarray, test: np.ndarray,
                        rows: np.ndarray | None) -> tuple:
     r""":func:`_spectrum` of the training rows ``x`` centred at ``mean``, computed on their
-    distinct rows (a grid repeats each configuration over seeds).
+    distinct rows (a grid repeats each configuration over seeds), and the indicator
+    :math:`E^\top` (None without repeats; see :attr:`_Spectrum.pool`).
 
     With :math:`m` distinct rows :math:`X_u`, counts :math:`C` and the
     indicator :math:`E` (``x`` :math:`= E X_u`), :math:`Z = C^{1/2} X_u` has
     :math:`Z^\top Z = X^\top X`; from :math:`Z = U_z D V^\top` follows
     :math:`X = (E C^{-1/2} U_z) D V^\top` with orthonormal :math:`E C^{-1/2}
-    U_z`: the same thin SVD from an :math:`m`-row problem.
+    U_z`: the same thin SVD from an :math:`m`-row problem, kept as :math:`C^{-1/2} U_z`
+    and :math:`E^\top`.
     """
     distinct = _distinct_rows(rows, most=0.8)
     if distinct is None:
-        return _spectrum(x - mean, test - mean)
+        return (*_spectrum(x - mean, test - mean), None)
     first, inverse, counts = distinct
     root = np.sqrt(counts)[:, None]
     left, right, d, test_v = _spectrum((x[first] - mean) * root, test - mean)
-    return (left / root)[inverse], right, d, test_v
+    pool = sparse.csr_matrix((np.ones(len(inverse)), (inverse, np.arange(len(inverse)))),
+                             shape=(len(first), len(inverse)))
+    return left / root, right, d, test_v, pool
 
 
 def _distinct_rows(rows: np.ndarray | None, most: float):
@@ -550,22 +597,22 @@ def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, sca
     return basis.spectra[key]
 
 
-def _ridge_gcv_predict(spectrum, y: np.ndarray, n_test: int):
-    """Out-of-fold predictions of every column of ``y`` (n_train, R) by ridge tuned by GCV.
+def _ridge_gcv_predict(spectrum, mean_y: np.ndarray, yc: np.ndarray, total: np.ndarray,
+                       n_test: int):
+    """Out-of-fold predictions of every training column (n_train, R) by ridge tuned by GCV.
 
-    ``spectrum`` is :func:`_fold_spectrum`'s. Returns ``(test_predictions
+    ``spectrum`` is :func:`_fold_spectrum`'s; the columns come centred, ``yc``,
+    with their means ``mean_y`` and sums of squares ``total`` (R,), computed
+    once per fold for every interaction scale. Returns ``(test_predictions
     (n_test, R), gcv_scores (R,), fit)``; ``fit`` predicts new response
     columns with the same penalties (see :func:`refit_residuals`).
     """
     d, test_v = spectrum.d, spectrum.test_v
-    mean_y = y.mean(axis=0)
-    yc = y - mean_y
     n = len(yc)
     if d is None:
-        return (np.broadcast_to(mean_y, (n_test, y.shape[1])).copy(), (yc**2).sum(0) / n,
-                (None, np.zeros((y.shape[1], 0)), spectrum, np.ones(y.shape[1])))
+        return (np.broadcast_to(mean_y, (n_test, yc.shape[1])).copy(), total / n,
+                (None, np.zeros((yc.shape[1], 0)), spectrum, np.ones(yc.shape[1])))
     a = spectrum.project(yc)                                 # (r, R)
-    total = (yc**2).sum(axis=0)                              # (R,)
     lam = _PENALTIES[:, None] * np.mean(d**2)                # (L, 1)
     shrink = d**2 / (d**2 + lam)                             # (L, r)
     rss = total - (2 * shrink - shrink**2) @ a**2            # (L, R)
@@ -576,7 +623,7 @@ def _ridge_gcv_predict(spectrum, y: np.ndarray, n_test: int):
     weights = d / (d**2 + used)                              # (R, r)
     prediction = test_v @ (weights.T * a) + mean_y
     fitted_dof = (d**2 / (d**2 + used)).sum(axis=1) + 1.0
-    return prediction, gcv[best, np.arange(y.shape[1])], (test_v, weights, spectrum, fitted_dof)
+    return prediction, gcv[best, np.arange(yc.shape[1])], (test_v, weights, spectrum, fitted_dof)
 
 
 def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.ndarray,
@@ -617,7 +664,7 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     True
     """
     responses = np.asarray(responses, dtype=float)
-    ranked = stats.rankdata(responses, axis=0) / len(responses)
+    ranked = column_ranks(responses) / len(responses)
     out = np.empty_like(ranked)
     operators, compact, dof = [], [], np.zeros(ranked.shape[1])
     has_steps = anchor is not None and basis.ranks is not None and basis.ranks.shape[1] > 0
@@ -625,11 +672,15 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         test, train = folds == fold, folds != fold
         steps = _step_columns(basis, train, ranked[:, anchor]) if has_steps else None
         best_pred, best_score, best_op, best_dof = None, None, None, None
+        values = ranked[train]
+        mean_y = values.mean(axis=0)
+        centred = values - mean_y
+        total = (centred**2).sum(axis=0)
         for scale in _INTERACTION_SCALES:
             if scale and basis.interactions.shape[1] == 0:
                 continue
             spectrum = _fold_spectrum(basis, train, test, scale, steps)
-            pred, score, op = _ridge_gcv_predict(spectrum, ranked[train], int(test.sum()))
+            pred, score, op = _ridge_gcv_predict(spectrum, mean_y, centred, total, int(test.sum()))
             if best_pred is None:
                 best_pred, best_score, best_op, best_dof = pred, score, op, op[3].copy()
             else:
@@ -734,6 +785,8 @@ def _studentised(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None) 
         return sums / np.sqrt(np.maximum(variance, 1e-300))
     codes = pd.factorize(clusters)[0]
     sizes = np.bincount(codes)
+    if min(sums.shape) <= _FEW_COLUMNS:
+        return sums / np.sqrt(np.maximum(_few_cluster_variance(e_m, e_y, codes, sums), 1e-300))
     pairs = _cluster_pairs(codes)
     square = np.zeros_like(sums)
     for start in range(0, len(pairs[0]), 8 * n):          # bounded memory for large clusters
@@ -743,6 +796,30 @@ def _studentised(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None) 
     cross = (e_m * sizes[codes][:, None]).T @ e_y
     variance = square - 2 * cross * sums / n + sums**2 * (sizes**2).sum() / n**2
     return sums / np.sqrt(np.maximum(variance, 1e-300))
+
+
+#: Below this many columns on either side, :func:`_studentised` sums the products per cluster
+#: one column at a time (n K B products) instead of one product over the within-cluster pairs.
+_FEW_COLUMNS = 16
+
+
+def _few_cluster_variance(e_m: np.ndarray, e_y: np.ndarray, codes: np.ndarray,
+                          sums: np.ndarray) -> np.ndarray:
+    r""":math:`\sum_g (S_g - n_g S / n)^2` per pair of columns, one column of the thinner side at
+    a time: :math:`S_g` are the cluster sums of :math:`e_{M,i} e_{Y,i}`, one sparse product."""
+    n = len(codes)
+    sizes = np.bincount(codes)[:, None]
+    indicator = sparse.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(len(sizes), n))
+    variance = np.empty_like(sums)
+    if sums.shape[0] <= sums.shape[1]:
+        for k in range(sums.shape[0]):
+            g = indicator @ (e_m[:, k, None] * e_y)
+            variance[k] = ((g - sizes * (sums[k] / n)) ** 2).sum(axis=0)
+    else:
+        for b in range(sums.shape[1]):
+            g = indicator @ (e_m * e_y[:, b, None])
+            variance[:, b] = ((g - sizes * (sums[:, b] / n)) ** 2).sum(axis=0)
+    return variance
 
 
 def _cluster_pairs(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
