@@ -118,6 +118,9 @@ def test_noise_metrics_do_not_get_claiming_classes():
     ((-0.4, 1e-4, 0.4, 1e-4, 0.2, 0.6, 100), "sign-inversion"),
     ((-0.4, 0.3, 0.4, 1e-4, 0.2, 0.6, 100), "inconclusive"),
     ((0.05, 0.6, 0.05, 0.6, -0.1, 0.2, 100), "weak-or-mixed"),
+    ((0.5, 1e-6, 0.25, 1e-3, 0.05, 0.45, 100), "inconclusive"),     # significant, in the band
+    ((0.5, 1e-6, -0.3, 1e-3, -0.45, -0.05, 100), "inconclusive"),   # the same on the negative side
+    ((0.5, 1e-6, -0.3, 1e-3, -0.45, -0.12, 100), "reverse-inversion"),
 ])
 def test_evidence_rules(args, expected):
     assert classify_with_evidence(*args)[0] == expected
@@ -126,6 +129,12 @@ def test_evidence_rules(args, expected):
 def test_inconclusive_note_names_the_detectable_effect():
     cls, note = classify_with_evidence(0.1, 0.4, 0.25, 0.08, 0.0, 0.5, 60)
     assert cls == "inconclusive" and "smallest |rho| detectable with 80 % power is 0.35" in note
+
+
+def test_a_claim_needs_its_interval_beyond_the_washout_band():
+    cls, note = classify_with_evidence(0.5, 1e-6, 0.25, 1e-3, 0.05, 0.45, 100)
+    assert cls == "inconclusive"
+    assert "reaches into the washout band" in note and "rows would show it with 80 % power" in note
 
 
 def test_wilson_matches_statsmodels_form():
