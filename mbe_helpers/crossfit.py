@@ -478,9 +478,7 @@ def _distinct_spectrum(x: np.ndarray, mean: np.ndarray, test: np.ndarray,
     first, inverse, counts = distinct
     root = np.sqrt(counts)[:, None]
     left, right, d, test_v = _spectrum((x[first] - mean) * root, test - mean)
-    pool = sparse.csr_matrix((np.ones(len(inverse)), (inverse, np.arange(len(inverse)))),
-                             shape=(len(first), len(inverse)))
-    return left / root, right, d, test_v, pool
+    return left / root, right, d, test_v, _indicator(inverse, len(first))
 
 
 def _distinct_rows(rows: np.ndarray | None, most: float):
@@ -784,9 +782,9 @@ def _studentised(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None) 
         variance = (e_m**2).T @ (e_y**2) - sums**2 / n
         return sums / np.sqrt(np.maximum(variance, 1e-300))
     codes = pd.factorize(clusters)[0]
-    sizes = np.bincount(codes)
     if min(sums.shape) <= _FEW_COLUMNS:
         return sums / np.sqrt(np.maximum(_few_cluster_variance(e_m, e_y, codes, sums), 1e-300))
+    sizes = np.bincount(codes)
     pairs = _cluster_pairs(codes)
     square = np.zeros_like(sums)
     for start in range(0, len(pairs[0]), 8 * n):          # bounded memory for large clusters
@@ -809,7 +807,7 @@ def _few_cluster_variance(e_m: np.ndarray, e_y: np.ndarray, codes: np.ndarray,
     a time: :math:`S_g` are the cluster sums of :math:`e_{M,i} e_{Y,i}`, one sparse product."""
     n = len(codes)
     sizes = np.bincount(codes)[:, None]
-    indicator = sparse.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(len(sizes), n))
+    indicator = _indicator(codes, len(sizes))
     variance = np.empty_like(sums)
     if sums.shape[0] <= sums.shape[1]:
         for k in range(sums.shape[0]):
@@ -931,13 +929,19 @@ def wild_scale(e_m: np.ndarray, e_y: np.ndarray, operators,
     return var_star / np.maximum(expected_v, 1e-300)
 
 
+def _indicator(codes: np.ndarray, groups: int | None = None) -> sparse.csr_matrix:
+    """The sparse (G, n) matrix with a 1 at (code of row i, i): ``_indicator(codes) @ v`` sums
+    the rows of ``v`` per code (codes 0..G-1)."""
+    groups = int(codes.max()) + 1 if groups is None else groups
+    return sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
+                             shape=(groups, len(codes)))
+
+
 def _sum_by(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Sum the rows of ``values`` (n, K) that share a code (codes 0..G-1); (G, K)."""
     if len(codes) == codes.max() + 1 and (codes == np.arange(len(codes))).all():
         return values
-    indicator = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
-                                  shape=(codes.max() + 1, len(codes)))
-    return np.asarray(indicator @ values)
+    return np.asarray(_indicator(codes) @ values)
 
 
 @dataclass(frozen=True)
