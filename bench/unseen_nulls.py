@@ -4,12 +4,15 @@ The scenarios of :mod:`mbe_helpers.simulate` chose the learner; these are
 held out: a step whose place moves with a categorical control, a staircase,
 a metric with a step the target lacks, heavy-tailed (t, 3 df) noise, a
 target with many ties (an accuracy on 50 test items), an additive proxy
-through three controls and a smooth bump in two controls. Each is a
+through three controls, a smooth bump in two controls, an additive proxy
+through five controls and a grid-like proxy through five controls (an
+optimum learning rate that moves with the optimizer, a width x depth
+interaction; one run per configuration). Each is a
 conditional null (the metric's noise is independent of the target's given
 the controls). Prints the rejection rate at alpha = 0.05 with Wilson 95 %
 intervals for each scenario and n.
 
-Run: ``python bench/unseen_nulls.py [--reps 200] [--n 150 300 1000]``.
+Run: ``python bench/unseen_nulls.py [--reps 200] [--n 150 300 1000] [--only NAME ...]``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,27 @@ def _bump(rng, n):
                          "target": f + rng.normal(0, 0.4, n)})
 
 
+def _additive_five(rng, n):
+    b = rng.uniform(-1, 1, (n, 5))
+    f = (np.sin(2 * b[:, 0]) + b[:, 1] ** 2 + np.exp(b[:, 2]) + np.abs(b[:, 3])
+         - 0.5 * b[:, 4])
+    frame = pd.DataFrame(b, columns=[f"b{i}" for i in range(1, 6)])
+    frame["metric"], frame["target"] = f + rng.normal(0, 0.4, (2, n))
+    return frame
+
+
+def _grid_like(rng, n):
+    lr, wd = rng.uniform(-4, -1, n), rng.uniform(-6, -2, n)
+    width, depth = rng.uniform(5, 8, n), rng.uniform(1, 4, n)
+    optimizer = rng.choice(["adam", "sgd"], n)
+    best = np.where(optimizer == "adam", -3.2, -1.8)
+    skill = -((lr - best) ** 2) - 0.3 * np.abs(wd + 4) + 0.25 * (width - 6.5) * (depth - 2.5)
+    return pd.DataFrame({"lr": lr, "wd": wd, "width": width, "depth": depth,
+                         "optimizer": optimizer,
+                         "metric": np.tanh(skill / 2) + rng.normal(0, 0.25, n),
+                         "target": np.exp(skill / 3) + rng.normal(0, 0.2, n)})
+
+
 UNSEEN = [
     Scenario("moving_step", "null", ("b", "optimizer"), _moving_step,
              "a step whose place moves with the optimizer"),
@@ -86,6 +110,10 @@ UNSEEN = [
     Scenario("additive_three", "null", ("b1", "b2", "b3"), _additive_three,
              "a smooth additive proxy through three controls"),
     Scenario("bump", "null", ("b1", "b2"), _bump, "a smooth bump in two controls"),
+    Scenario("additive_five", "null", ("b1", "b2", "b3", "b4", "b5"), _additive_five,
+             "a smooth additive proxy through five controls"),
+    Scenario("grid_like", "null", ("lr", "wd", "width", "depth", "optimizer"), _grid_like,
+             "a moving optimum, a width x depth interaction, five controls"),
 ]
 
 
@@ -94,10 +122,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--n", type=int, nargs="+", default=[150, 300, 1000])
     parser.add_argument("--seed", type=int, default=21)
+    parser.add_argument("--only", nargs="+", choices=[s.name for s in UNSEEN],
+                        help="run only these scenarios")
     args = parser.parse_args()
     simulate.SCENARIOS.update({s.name: s for s in UNSEEN})   # the worker processes fork after this
     start = time.perf_counter()
-    table = run_calibration([s.name for s in UNSEEN], n=args.n, reps=args.reps,
+    names = args.only or [s.name for s in UNSEEN]
+    table = run_calibration(names, n=args.n, reps=args.reps,
                             methods=("rank-t", "crossfit"), seed=args.seed, progress=False)
     pd.set_option("display.width", 200)
     print(f"{args.reps} repetitions per cell, seed {args.seed} ({time.perf_counter() - start:.0f} s)")

@@ -98,6 +98,38 @@ their long tails widened the adjusted interval on near-noiseless confounding
 hinges of the target's own additive fit (a single-index stage) took it to
 3.5-9 % but cost the Simpson increment its power at n = 60 (100 % to 65 %).
 
+The same failure is much larger with more controls, and it is the audit's
+worst known one. Two held-out families of ``bench/unseen_nulls.py`` (seed
+21, 200 repetitions, sizes at n = 60, 150, 300 and 1000): an additive proxy
+through five controls, 18, 24, 43 and 56 %, and a grid-like proxy through
+five controls (an optimum learning rate that moves with the optimizer, a
+kink in the weight decay, a width x depth product), 52, 18, 13 and 8.5 %.
+The mean of :math:`T` on the five-control proxy grows with n (+1.3 at
+n = 60, +2.7 at n = 1000): the bias is the learner's, not the noise's.
+Under ``adjust="auto"`` the classes claim information on 11 % and 8 % of
+those five-control ledgers at n = 150 and 300 (100 each, 0 % at n = 1000),
+and a ledger whose metric "survives" (adj_r 0.24, p = 0.001) had proxy
+placebos at 16 of 200: a random smooth function of the controls does not
+share the target's misfit, so the placebos do not see this. Measured this
+far (another seed, 200 repetitions each, five-control proxy at the four n;
+the grid-like proxy; a weak increment through four controls, at n = 150):
+
+* hinges of an additive index, the training fold's main-effect ridge fit of
+  the target, added to the step columns when there are three or more
+  numeric controls: 11.5, 10, 10.5, 4 %; grid-like 74.5, 17, 16, 10 %;
+  power 92 % to 86.5 %;
+* the same index from the fit with pairwise terms: worse everywhere (the
+  in-sample index carries the target's noise: 34, 17.5, 16.5, 9 %);
+* normal scores instead of ranks: 6, 3.5, 8, 5 %; grid-like 52, 12, 12.5,
+  10 %; power 92 % to 77.5 %; both together: no better than normal scores;
+* trilinear products of every triple of numeric ranks: the three-control
+  proxy at n = 1000 from 10.5 % to 2.8 %, at n = 150 from 14.5 to 15-17 %.
+
+None is kept: none holds the grid-like proxy, and each costs power. A
+remedy probably needs a learner whose link is fitted (the conditional mean
+of a rank is a monotone function of an additive index) or proxy placebos
+built from the target's own cross-fitted fit.
+
 Inside each training fold the complexity is chosen by generalised
 cross-validation: a grid of ridge penalties and a scale of the interaction
 block (0 = none or 1.7), one SVD of the training basis per scale, the GCV score
