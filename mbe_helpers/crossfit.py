@@ -101,7 +101,8 @@ hinges of the target's own additive fit (a single-index stage) took it to
 The same failure is much larger with more controls, and it is the audit's
 worst known one. Two held-out families of ``bench/unseen_nulls.py`` (seed
 21, 200 repetitions, sizes at n = 60, 150, 300 and 1000): an additive proxy
-through five controls, 18, 24, 43 and 56 %, and a grid-like proxy through
+through five controls (``additive_proxy_5`` of :mod:`mbe_helpers.simulate`, which
+chapter 05 runs), 18, 24, 43 and 56 %, and a grid-like proxy through
 five controls (an optimum learning rate that moves with the optimizer, a
 kink in the weight decay, a width x depth product), 52, 18, 13 and 8.5 %.
 The mean of :math:`T` on the five-control proxy grows with n (+1.3 at

@@ -249,6 +249,15 @@ def _pure_noise_8(rng, n):
     return frame
 
 
+def _additive_proxy_5(rng, n):
+    b = rng.uniform(-1, 1, (n, 5))
+    f = (np.sin(2 * b[:, 0]) + b[:, 1] ** 2 + np.exp(b[:, 2]) + np.abs(b[:, 3])
+         - 0.5 * b[:, 4])
+    frame = pd.DataFrame(b, columns=[f"b{i}" for i in range(1, 6)])
+    frame["metric"], frame["target"] = f + rng.normal(0, 0.4, (2, n))
+    return frame
+
+
 def _genuine_increment(rng, n):
     b, trait = rng.normal(size=(2, n))
     return pd.DataFrame({"b": b, "metric": b + trait + rng.normal(0, 0.5, n),
@@ -293,6 +302,9 @@ SCENARIOS = {s.name: s for s in (
              "the metric acts only through a post-treatment control, which is conditioned on"),
     Scenario("pure_noise_8", "null", ("c0", "c1", "c2", "c3", "c4", "c5", "optimizer", "arch"),
              _pure_noise_8, "a noise metric audited with eight controls, as in chapter 2"),
+    Scenario("additive_proxy_5", "null", ("b1", "b2", "b3", "b4", "b5"), _additive_proxy_5,
+             "held out when the learner was chosen: both follow one smooth additive function "
+             "of five controls"),
     Scenario("genuine_increment", "signal", ("b",), _genuine_increment,
              "the metric measures a trait that moves the target beyond the control"),
     Scenario("nonlinear_increment", "signal", ("b",), _nonlinear_increment,

@@ -217,7 +217,9 @@ def test_verdict_when_every_method_fails_a_null() -> None:
     assert values["verdict_focus"] == (
         "at n = 300 every method rejects some null significantly more often than 5 %; "
         "the fewest such nulls are 1 of 2, for crossfit: independent_null (20 %)")
-    assert values["verdict_power"].startswith("no method that keeps size")
+    assert values["verdict_power"].startswith("the lowest power on a signal at n = 300 is ")
+    assert values["verdict_power"].endswith(
+        "for crossfit (the method with the fewest over-rejected nulls there)")
 
 
 # ------------------------------------------------------- claims, placebos

@@ -304,12 +304,6 @@ def test_the_target_step_column_removes_the_step_proxy_bias():
     assert abs(np.mean(statistics[0])) < 0.3 < 0.6 < np.mean(statistics[None])
 
 
-def _additive_five_controls(rng, n):
-    b = rng.uniform(-1, 1, (n, 5))
-    f = np.sin(2 * b[:, 0]) + b[:, 1] ** 2 + np.exp(b[:, 2]) + np.abs(b[:, 3]) - 0.5 * b[:, 4]
-    return b, f + rng.normal(0, 0.4, n), f + rng.normal(0, 0.4, n)
-
-
 @pytest.mark.xfail(strict=True, reason="known weakness, see the module note of mbe_helpers.crossfit: "
                                        "a smooth proxy through five controls goes through the test")
 def test_a_proxy_through_five_controls_holds_the_size():
@@ -318,7 +312,8 @@ def test_a_proxy_through_five_controls_holds_the_size():
     rejections = 0
     for rep in range(30):
         rng = np.random.default_rng([2026, rep])
-        b, metric, target = _additive_five_controls(rng, 300)
+        runs = SCENARIOS["additive_proxy_5"].generate(rng, 300)
+        b, metric, target = runs.filter(like="b").to_numpy(), runs.metric, runs.target
         test = crossfit.adjusted_test(crossfit.control_basis(b), target, metric,
                                       crossfit.fold_ids(300, 5, seed=rep), draws=199, rng=rng)
         rejections += test.p < 0.05
