@@ -148,7 +148,8 @@ def check_alpha(alpha: float) -> None:
 
 def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q: float,
                            lo90: float, hi90: float, n: int, effect: float = EFFECT,
-                           washout: float = WASHOUT, alpha: float = ALPHA) -> tuple[str, str]:
+                           washout: float = WASHOUT, alpha: float = ALPHA,
+                           adjusted_p: float = float("nan")) -> tuple[str, str]:
     r"""Outcome class that claims only what the evidence supports, and a note.
 
     The point estimates first give the class of :func:`classify`; a class
@@ -175,7 +176,9 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
 
     The note of an inconclusive row says what would settle it: the smallest
     effect detectable with 80 % power at this ``n`` (Fisher z) and the rows
-    needed for the observed one.
+    needed for the observed one. Given the row's own ``adjusted_p``, a row
+    that is significant alone but not after the table's FDR is told so
+    instead (more rows would not be what it lacks).
 
     Examples
     --------
@@ -183,6 +186,9 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
     ('survives', '')
     >>> classify_with_evidence(0.1, 0.4, 0.25, 0.08, 0.0, 0.5, 60)[0]
     'inconclusive'
+    >>> print(classify_with_evidence(0.7, 1e-6, 0.6, 0.072, 0.2, 0.85, 60, adjusted_p=0.006)[1])
+    survives not shown: the adjusted association is significant alone (p = 0.006) but not after
+    the false discovery rate over the table's metrics (q = 0.072)
     """
     claimed = classify(raw, adjusted, effect, washout)
     if claimed in ("insufficient-data", "weak-or-mixed"):
@@ -203,6 +209,16 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
         return "inconclusive", (f"{claimed} not shown: the adjusted 90 % interval [{lo90:+.2f}, "
                                 f"{hi90:+.2f}] reaches into the washout band ±{washout:.2f}; "
                                 f"{_rows_beyond_band(adjusted, washout, alpha)}")
+    if not adjusted_ok and adjusted_p < alpha:
+        reasons = [f"the adjusted association is significant alone (p = {adjusted_p:.3g}) but "
+                   f"not after the false discovery rate over the table's metrics "
+                   f"(q = {adjusted_q:.3g})"]
+        if not beyond_band:
+            reasons.append(f"its 90 % interval [{lo90:+.2f}, {hi90:+.2f}] reaches into the "
+                           f"washout band ±{washout:.2f}")
+        if not raw_ok and claimed not in ("survives", "hidden-after-control"):
+            reasons.append("the raw association is not significant")
+        return "inconclusive", f"{claimed} not shown: " + "; ".join(reasons)
     missing = "the adjusted association" if not adjusted_ok else "the raw association"
     mde = crossfit.minimum_detectable_r(n, alpha) if n > 3 else float("nan")
     needed = crossfit.rows_to_detect(adjusted, alpha) if 0 < abs(adjusted) < 1 else "many"
@@ -1088,14 +1104,15 @@ def _evidence_classes(table: pd.DataFrame, settings: _Settings) -> None:
         if row.classification == "insufficient-data" and np.isnan(row.raw_r):
             continue
         if row.adjust == "crossfit":
-            estimate, q, lo90, hi90 = row.adj_r, row.adj_q, *_narrow(row.adj_r, row.adj_lo, row.adj_hi)
+            estimate, p, q = row.adj_r, row.adj_p, row.adj_q
+            lo90, hi90 = _narrow(row.adj_r, row.adj_lo, row.adj_hi)
         else:
             k = len([c for c in str(row.controls).split(",") if c])
-            estimate, q = row.partial_r, row.q
+            estimate, p, q = row.partial_r, row.partial_p, row.q
             lo90, hi90 = _fisher_interval(row.partial_r, row.n - 3 - k, 0.90)
         cls, note = classify_with_evidence(row.raw_r, row.raw_p, estimate, q, lo90, hi90,
                                            int(row.n), settings.effect, settings.washout,
-                                           settings.alpha)
+                                           settings.alpha, adjusted_p=p)
         notes = [row.note] if row.note else []
         rank_cls = classify(row.raw_r, row.partial_r, settings.effect, settings.washout)
         if row.adjust == "crossfit" and rank_cls != cls and not np.isnan(row.adj_r):

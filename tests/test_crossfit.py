@@ -131,6 +131,13 @@ def test_inconclusive_note_names_the_detectable_effect():
     assert cls == "inconclusive" and "smallest |rho| detectable with 80 % power is 0.35" in note
 
 
+def test_a_row_significant_alone_is_told_it_fails_the_fdr_not_the_rows():
+    cls, note = classify_with_evidence(0.7, 1e-6, 0.6, 0.072, 0.2, 0.85, 60, adjusted_p=0.006)
+    assert cls == "inconclusive" and "false discovery rate" in note and "rows" not in note
+    cls, note = classify_with_evidence(0.7, 1e-6, 0.3, 0.09, 0.05, 0.5, 60, adjusted_p=0.01)
+    assert cls == "inconclusive" and "washout band" in note
+
+
 def test_a_claim_needs_its_interval_beyond_the_washout_band():
     cls, note = classify_with_evidence(0.5, 1e-6, 0.25, 1e-3, 0.05, 0.45, 100)
     assert cls == "inconclusive"
