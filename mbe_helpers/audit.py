@@ -203,7 +203,8 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
         return "inconclusive", f"washout not shown: {need}; {_rows_for_band(adjusted, washout, alpha)}"
     adjusted_ok = bool(adjusted_q < alpha)
     beyond_band = bool(lo90 > washout if adjusted > 0 else hi90 < -washout)
-    if adjusted_ok and beyond_band and (raw_ok or claimed in ("survives", "hidden-after-control")):
+    raw_missing = not raw_ok and claimed not in ("survives", "hidden-after-control")
+    if adjusted_ok and beyond_band and not raw_missing:
         return claimed, ""
     if adjusted_ok and not beyond_band:
         return "inconclusive", (f"{claimed} not shown: the adjusted 90 % interval [{lo90:+.2f}, "
@@ -216,7 +217,7 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
         if not beyond_band:
             reasons.append(f"its 90 % interval [{lo90:+.2f}, {hi90:+.2f}] reaches into the "
                            f"washout band ±{washout:.2f}")
-        if not raw_ok and claimed not in ("survives", "hidden-after-control"):
+        if raw_missing:
             reasons.append("the raw association is not significant")
         return "inconclusive", f"{claimed} not shown: " + "; ".join(reasons)
     missing = "the adjusted association" if not adjusted_ok else "the raw association"

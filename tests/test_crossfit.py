@@ -8,7 +8,7 @@ import pytest
 from mbe_helpers import MBEInputError, audit
 from mbe_helpers import crossfit
 from mbe_helpers.audit import CLAIMS, classify_with_evidence, wilson_interval
-from mbe_helpers.simulate import SCENARIOS
+from mbe_helpers.simulate import SCENARIOS, crossfit_test
 
 
 def u_proxy(n, seed=0):
@@ -319,9 +319,6 @@ def test_a_proxy_through_five_controls_holds_the_size():
     rejections = 0
     for rep in range(30):
         rng = np.random.default_rng([2026, rep])
-        runs = SCENARIOS["additive_proxy_5"].generate(rng, 300)
-        b, metric, target = runs.filter(like="b").to_numpy(), runs.metric, runs.target
-        test = crossfit.adjusted_test(crossfit.control_basis(b), target, metric,
-                                      crossfit.fold_ids(300, 5, seed=rep), draws=199, rng=rng)
-        rejections += test.p < 0.05
+        scenario = SCENARIOS["additive_proxy_5"]
+        rejections += crossfit_test(scenario.generate(rng, 300), scenario, rng).p < 0.05
     assert rejections <= 4            # 13 % of 30; a calibrated test exceeds it 2 % of the time

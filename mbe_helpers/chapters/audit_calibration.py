@@ -857,12 +857,11 @@ def holders_sentence(table: pd.DataFrame, n: int, alpha: float) -> str:
     if kept:
         return f"at n = {n} {and_join(kept)} reject no null {claim}"
     nulls = table[(table.n == n) & (table.kind == "null")]
-    over = (nulls.assign(over=_statuses(nulls, alpha) == "over")
-            .groupby("method").over.agg(["sum", "size"]))
-    best = _fewest_over(table, n, alpha)[0]
+    scores = _over_rejections(table, n, alpha)
+    best = scores.index[0]
     failing = nulls[(nulls.method == best) & (_statuses(nulls, alpha) == "over")]
     return (f"at n = {n} every method rejects some null {claim}; the fewest such nulls are "
-            f"{int(over.loc[best, 'sum'])} of {int(over.loc[best, 'size'])}, for {best}: "
+            f"{int(scores.over.iloc[0])} of {int(scores['size'].iloc[0])}, for {best}: "
             f"{_listing(failing.sort_values('rate', ascending=False))}")
 
 
@@ -895,8 +894,9 @@ def verdict(table: pd.DataFrame, n: int, alpha: float) -> dict:
                                   else f"n = {n} is also the largest sample size that was run"),
               "largest_n": largest}
     which = ""
-    if not kept and len(best := _fewest_over(table, n, alpha)):
-        kept, which = best, " (the method with the fewest over-rejected nulls there)"
+    scores = _over_rejections(table, n, alpha)
+    if not kept and len(scores):
+        kept, which = [scores.index[0]], " (the method with the fewest over-rejected nulls there)"
     signals = table[(table.n == n) & (table.kind == "signal") & table.method.isin(kept)]
     if signals.empty:
         values["verdict_power"] = f"no method that keeps size at n = {n} has a power to report"
@@ -908,14 +908,13 @@ def verdict(table: pd.DataFrame, n: int, alpha: float) -> dict:
     return values
 
 
-def _fewest_over(table: pd.DataFrame, n: int, alpha: float) -> list[str]:
-    """The method that over-rejects the fewest nulls at ``n`` (on ties, the lowest mean rate)."""
+def _over_rejections(table: pd.DataFrame, n: int, alpha: float) -> pd.DataFrame:
+    """Per method at ``n``: nulls over-rejected (``over``), nulls run (``size``) and the mean null
+    rate (``rate``), the method with the fewest over-rejections first (ties: lowest mean rate)."""
     nulls = table[(table.n == n) & (table.kind == "null")]
-    if nulls.empty:
-        return []
     scores = (nulls.assign(over=_statuses(nulls, alpha) == "over").groupby("method")
-              .agg(over=("over", "sum"), rate=("rate", "mean")))
-    return [scores.sort_values(["over", "rate"], kind="stable").index[0]]
+              .agg(over=("over", "sum"), size=("over", "size"), rate=("rate", "mean")))
+    return scores.sort_values(["over", "rate"], kind="stable")
 
 
 __all__ = ["CLAIM_SCENARIOS", "METHOD_LABELS", "PLACEBO_SCENARIO", "POWER_GOAL", "Params",
