@@ -40,6 +40,14 @@ from mbe_helpers.audit import wilson_interval
 TARGETS, TWINS = 4, 25
 
 
+def _ridge(spectrum, centred: np.ndarray, penalties) -> np.ndarray:
+    """Test-row ridge predictions of the centred training response, one column per penalty
+    (times the mean squared singular value, as in :mod:`mbe_helpers.crossfit`)."""
+    a = spectrum.project(centred[:, None])[:, 0]
+    lam = np.asarray(penalties) * np.mean(spectrum.d ** 2)
+    return spectrum.test_v @ (spectrum.d / (spectrum.d ** 2 + lam) * a).T
+
+
 def cv_fit(basis: crossfit.ControlBasis, z: np.ndarray, folds: np.ndarray):
     """Ridge fit of ``z`` on all rows with the penalty and scale of least K-fold CV error,
     and its residuals inflated by :math:`\\sqrt{n / (n - \\mathrm{dof})}`."""
@@ -53,18 +61,15 @@ def cv_fit(basis: crossfit.ControlBasis, z: np.ndarray, folds: np.ndarray):
             if spectrum.d is None:
                 error[i] += ((z[test] - mean) ** 2).sum()
                 continue
-            a = spectrum.project((z[train] - mean)[:, None])[:, 0]
-            lam = crossfit._PENALTIES[:, None] * np.mean(spectrum.d ** 2)
-            pred = spectrum.test_v @ (spectrum.d / (spectrum.d ** 2 + lam) * a).T + mean
+            pred = _ridge(spectrum, z[train] - mean, crossfit._PENALTIES[:, None]) + mean
             error[i] += ((z[test][:, None] - pred) ** 2).sum(axis=0)
     i, j = np.unravel_index(np.argmin(error), error.shape)
     every = np.ones(len(z), dtype=bool)
     spectrum = crossfit._fold_spectrum(basis, every, every, scales[i])
     if spectrum.d is None:
         return np.full(len(z), z.mean()), z - z.mean()
+    fit = _ridge(spectrum, z - z.mean(), crossfit._PENALTIES[j]) + z.mean()
     lam = crossfit._PENALTIES[j] * np.mean(spectrum.d ** 2)
-    a = spectrum.project((z - z.mean())[:, None])[:, 0]
-    fit = spectrum.test_v @ (spectrum.d / (spectrum.d ** 2 + lam) * a) + z.mean()
     dof = (spectrum.d ** 2 / (spectrum.d ** 2 + lam)).sum() + 1
     return fit, (z - fit) * np.sqrt(len(z) / max(len(z) - dof, 1))
 
