@@ -1,26 +1,18 @@
-"""Target-twin placebos: a self-check that sees the multi-control proxy failure (not yet in the audit).
+"""Twin placebos in the audit: how often they flag each scenario, and what that does to the claims.
 
-The proxy placebos of :func:`mbe_helpers.audit.audit` are random smooth functions of
-the controls; they do not share the target's misfit, so they miss the audit's worst
-known failure (a smooth proxy through five controls, ``additive_proxy_5``). A *twin
-pair* copies the target's own dependence on the controls instead:
+The proxy placebos of :func:`mbe_helpers.audit.audit` are random smooth functions
+of the controls; they do not share the target's misfit, so they miss the audit's
+worst known failure (a smooth proxy through five controls, ``additive_proxy_5``).
+The *twin* placebos copy the target's own dependence on the controls
+(:func:`mbe_helpers.crossfit.cv_ridge_fit`, :func:`mbe_helpers.crossfit.twin_columns`).
+When any placebo kind's Wilson lower bound exceeds alpha, the audit withholds the
+group's cross-fitted claims (class ``inconclusive``).
 
-    z = standardised target,  f = ridge fit of z on the learner's basis (penalty and
-    interaction scale chosen by K-fold CV on the audit's folds, grouped by cluster),
-    e = (z - f) * sqrt(n / (n - dof)),
-    target* = f + e[pi_0],  twin_k = f + e[pi_k]   (independent row permutations)
-
-target* and every twin are conditionally independent given the controls by
-construction, and share the target's shape, so the cross-fitted test of twin_k
-against target* rejects at alpha only where the learner can fit a target of this
-shape. CV (not GCV) matters: the GCV fit absorbed the clustered null's per-
-configuration effects (twin rate 74 %); in-sample twins tested against the real
-target carried its noise (25 % on the independent null).
-
-Per ledger: 4 target* draws x 25 twins, 199 wild refits each. Prints, per scenario
-and n, the crossfit rejection rate of the metric, the mean twin rejection rate, the
-share of ledgers whose twin Wilson lower bound exceeds alpha ("flag"), and the share
-where the metric was rejected and no flag was raised.
+Per scenario and n this prints, over ``reps`` ledgers audited with ``adjust="auto"``
+and ``placebos=200``: the metric's cross-fitted rejection rate (``adj_p < alpha``),
+the mean twin rejection rate, the share of ledgers flagged by the twins and by any
+kind, the share rejected and not flagged, and the claim rate (a class in
+:data:`mbe_helpers.audit.CLAIMS`) without placebos and with them.
 
     python bench/twin_placebos.py [reps] [n,n,...] [scenario,...]
 """
@@ -29,71 +21,38 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from multiprocessing import Pool
 
 import numpy as np
 import pandas as pd
 
-from mbe_helpers import crossfit, simulate
-from mbe_helpers.audit import wilson_interval
+from mbe_helpers import simulate
+from mbe_helpers.audit import CLAIMS, audit
 
-TARGETS, TWINS = 4, 25
-
-
-def _ridge(spectrum, centred: np.ndarray, penalties) -> np.ndarray:
-    """Test-row ridge predictions of the centred training response, one column per penalty
-    (times the mean squared singular value, as in :mod:`mbe_helpers.crossfit`)."""
-    a = spectrum.project(centred[:, None])[:, 0]
-    lam = np.asarray(penalties) * np.mean(spectrum.d ** 2)
-    return spectrum.test_v @ (spectrum.d / (spectrum.d ** 2 + lam) * a).T
-
-
-def cv_fit(basis: crossfit.ControlBasis, z: np.ndarray, folds: np.ndarray):
-    """Ridge fit of ``z`` on all rows with the penalty and scale of least K-fold CV error,
-    and its residuals inflated by :math:`\\sqrt{n / (n - \\mathrm{dof})}`."""
-    scales = [s for s in crossfit._INTERACTION_SCALES if s == 0 or basis.interactions.shape[1]]
-    error = np.zeros((len(scales), len(crossfit._PENALTIES)))
-    for fold in np.unique(folds):
-        test, train = folds == fold, folds != fold
-        mean = z[train].mean()
-        for i, scale in enumerate(scales):
-            spectrum = crossfit._fold_spectrum(basis, train, test, scale)
-            if spectrum.d is None:
-                error[i] += ((z[test] - mean) ** 2).sum()
-                continue
-            pred = _ridge(spectrum, z[train] - mean, crossfit._PENALTIES[:, None]) + mean
-            error[i] += ((z[test][:, None] - pred) ** 2).sum(axis=0)
-    i, j = np.unravel_index(np.argmin(error), error.shape)
-    every = np.ones(len(z), dtype=bool)
-    spectrum = crossfit._fold_spectrum(basis, every, every, scales[i])
-    if spectrum.d is None:
-        return np.full(len(z), z.mean()), z - z.mean()
-    fit = _ridge(spectrum, z - z.mean(), crossfit._PENALTIES[j]) + z.mean()
-    lam = crossfit._PENALTIES[j] * np.mean(spectrum.d ** 2)
-    dof = (spectrum.d ** 2 / (spectrum.d ** 2 + lam)).sum() + 1
-    return fit, (z - fit) * np.sqrt(len(z) / max(len(z) - dof, 1))
+PLACEBOS, ALPHA = 200, 0.05
 
 
 def one_ledger(job):
     name, n, seed = job
+    from threadpoolctl import threadpool_limits
+
     scenario = simulate.SCENARIOS[name]
-    rng = np.random.default_rng([seed, n])
-    frame = scenario.generate(rng, n)
-    metric_p = simulate.crossfit_test(frame, scenario, np.random.default_rng([seed, n, 1])).p
-    mbe = sys.modules["mbe_helpers.audit"]
-    clusters = frame[scenario.cluster].to_numpy() if scenario.cluster else None
-    basis = crossfit.control_basis(*mbe._control_arrays(frame, list(scenario.controls)), n=n)
-    folds = crossfit.fold_ids(n, 5, seed, clusters)
-    y = frame.target.to_numpy(float)
-    fit, e = cv_fit(basis, (y - y.mean()) / y.std(), folds)
-    rejections = 0
-    for _ in range(TARGETS):
-        order = np.argsort(rng.random((TWINS + 1, n)), axis=1)
-        residuals, fits = crossfit.crossfit_residuals(basis, fit[:, None] + e[order].T, folds, keep=0)
-        p = crossfit.wild_gcm_p(residuals[:, 1:], residuals[:, 0], fits, 199, rng, clusters)
-        rejections += int((p < 0.05).sum())
-    lo, _ = wilson_interval(rejections, TARGETS * TWINS)
-    return name, n, metric_p < 0.05, rejections / (TARGETS * TWINS), lo > 0.05
+    frame = scenario.generate(np.random.default_rng([seed, n]), n)
+    kwargs = dict(cluster=scenario.cluster, seed=seed, alpha=ALPHA)
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore")
+        plain = audit(frame, "metric", "target", list(scenario.controls), **kwargs)
+        checked = audit(frame, "metric", "target", list(scenario.controls), placebos=PLACEBOS,
+                        **kwargs)
+    row = checked.table.iloc[0]
+    calibration = checked.calibration.set_index("kind")
+    flagged = calibration.lo > calibration.alpha
+    twin = calibration.rate.get("twin", np.nan)
+    return dict(scenario=name, n=n, metric_rejected=bool(row.adj_p < ALPHA), twin_rate=twin,
+                twin_flag=bool(flagged.get("twin", False)), any_flag=bool(flagged.any()),
+                claim_plain=plain.table.classification.iloc[0] in CLAIMS,
+                claim_checked=row.classification in CLAIMS)
 
 
 def main(argv: list[str]) -> None:
@@ -103,14 +62,15 @@ def main(argv: list[str]) -> None:
     jobs = [(name, n, seed) for name in names for n in sizes for seed in range(reps)]
     start = time.perf_counter()
     with Pool(2) as pool:
-        out = pd.DataFrame(pool.map(one_ledger, jobs, chunksize=4),
-                           columns=["scenario", "n", "metric_rejected", "twin_rate", "flag"])
+        out = pd.DataFrame(pool.map(one_ledger, jobs, chunksize=4))
     out["kind"] = out.scenario.map(lambda s: simulate.SCENARIOS[s].kind)
-    out["rejected_unflagged"] = out.metric_rejected & ~out.flag
-    table = out.groupby(["kind", "scenario", "n"])[["metric_rejected", "twin_rate", "flag",
-                                                    "rejected_unflagged"]].mean()
-    print(table.round(3).to_string())
-    print(f"{len(jobs)} ledgers in {time.perf_counter() - start:.0f} s")
+    out["rejected_unflagged"] = out.metric_rejected & ~out.any_flag
+    columns = ["metric_rejected", "twin_rate", "twin_flag", "any_flag", "rejected_unflagged",
+               "claim_plain", "claim_checked"]
+    table = out.groupby(["kind", "scenario", "n"])[columns].mean()
+    with pd.option_context("display.width", 200):
+        print(table.round(3).to_string())
+    print(f"{len(jobs)} ledgers ({reps} per cell) in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -673,7 +673,7 @@ def _ridge_gcv_predict(spectrum, mean_y: np.ndarray, yc: np.ndarray, total: np.n
 
 
 def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.ndarray,
-                       keep: int | None = None, anchor: int | None = 0):
+                       keep: int | list[int] | None = None, anchor: int | None = 0):
     r"""Out-of-fold residuals of the ranked responses given the controls.
 
     Each column of ``responses`` is ranked and scaled to (0, 1]; on every
@@ -691,15 +691,16 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     basis : ControlBasis
     responses : (n, R) array
     folds : (n,) int array of fold numbers
-    keep : int, optional
-        Also return the fits chosen for response ``keep`` (for :func:`refit_residuals`).
+    keep : int or list of int, optional
+        Also return the fits chosen for response ``keep`` (for :func:`refit_residuals`);
+        for a list, one :class:`KeptFits` per listed response.
     anchor : int or None, default 0
         The response whose steps enter the basis (None: no step columns).
 
     Returns
     -------
     (n, R) array of residuals :math:`\operatorname{rank}(V)/n - \hat f_{-k}(B)`
-    (and a :class:`KeptFits` when ``keep`` is given).
+    (and a :class:`KeptFits`, or a list of them, when ``keep`` is given).
 
     Examples
     --------
@@ -712,12 +713,14 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     responses = np.asarray(responses, dtype=float)
     ranked = column_ranks(responses) / len(responses)
     out = np.empty_like(ranked)
-    operators, compact, dof = [], [], np.zeros(ranked.shape[1])
+    kept = [] if keep is None else [keep] if np.ndim(keep) == 0 else list(keep)
+    operators, compact = [[] for _ in kept], [[] for _ in kept]
+    dof = np.zeros(ranked.shape[1])
     has_steps = anchor is not None and basis.ranks is not None and basis.ranks.shape[1] > 0
     for fold in np.unique(folds):
         test, train = folds == fold, folds != fold
         steps = _step_columns(basis, train, ranked[:, anchor]) if has_steps else None
-        best_pred, best_score, best_op, best_dof = None, None, None, None
+        best_pred, best_score, best_ops, best_dof = None, None, None, None
         values = ranked[train]
         mean_y = values.mean(axis=0)
         centred = values - mean_y
@@ -728,26 +731,101 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
             spectrum = _fold_spectrum(basis, train, test, scale, steps)
             pred, score, op = _ridge_gcv_predict(spectrum, mean_y, centred, total, int(test.sum()))
             if best_pred is None:
-                best_pred, best_score, best_op, best_dof = pred, score, op, op[3].copy()
+                best_pred, best_score, best_dof = pred, score, op[3].copy()
+                best_ops = [op] * len(kept)
             else:
                 better = score < best_score
                 best_pred[:, better], best_score[better] = pred[:, better], score[better]
                 best_dof[better] = op[3][better]
-                if keep is not None and better[keep]:
-                    best_op = op
+                best_ops = [op if better[j] else old for j, old in zip(kept, best_ops)]
         out[test] = ranked[test] - best_pred
         dof += best_dof / len(np.unique(folds))
-        if keep is not None:
-            _, w, spectrum, _ = best_op
-            hat = (spectrum.test_fit(w[keep]) if spectrum.d is not None  # the fold's fit of
+        for position, (j, (_, w, spectrum, _)) in enumerate(zip(kept, best_ops)):
+            hat = (spectrum.test_fit(w[j]) if spectrum.d is not None  # the fold's fit of
                    else np.zeros((int(test.sum()), int(train.sum()))))  # centred responses
             # e[test] = v[test] - P v[train]: the centring folded into one (n_test, n_train) matrix
             projection = hat - hat.mean(axis=1, keepdims=True) + 1.0 / train.sum()
-            operators.append((test, train, projection))
-            compact.append(_compact_projection(projection, basis.rows, test, train))
-    if keep is not None:
-        return out, KeptFits(operators, dof, compact)
-    return out
+            operators[position].append((test, train, projection))
+            compact[position].append(_compact_projection(projection, basis.rows, test, train))
+    if keep is None:
+        return out
+    fits = [KeptFits(ops, dof, comp) for ops, comp in zip(operators, compact)]
+    return out, (fits[0] if np.ndim(keep) == 0 else fits)
+
+
+def _ridge_predictions(spectrum, centred: np.ndarray, penalties) -> np.ndarray:
+    """Test-row ridge predictions of one centred training response, a column per penalty
+    (each times the mean squared singular value, as everywhere in this module)."""
+    a = spectrum.project(centred[:, None])[:, 0]
+    lam = np.asarray(penalties, dtype=float) * np.mean(spectrum.d ** 2)
+    return spectrum.test_v @ (spectrum.d / (spectrum.d ** 2 + lam) * a).T
+
+
+def cv_ridge_fit(basis: ControlBasis, z: np.ndarray, folds: np.ndarray) -> tuple:
+    r"""Ridge fit of ``z`` on every row, tuned by K-fold cross-validation on ``folds``.
+
+    The penalty and the interaction scale minimise the out-of-fold squared
+    error :math:`\sum_k \lVert z_k - \hat f_{-k} \rVert^2` (no step columns, no
+    undersmoothing); the fit on all rows is returned with its residuals
+    inflated to the scale of new noise, :math:`e = (z - \hat f)\sqrt{n / (n -
+    \mathrm{df})}`. Cross-validation, not GCV, because the folds keep whole
+    clusters together: GCV absorbed a clustered null's per-cluster effects.
+
+    Returns
+    -------
+    (fit, residuals) : two (n,) arrays
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> b = np.linspace(0, 1, 60)
+    >>> fit, e = cv_ridge_fit(control_basis(b[:, None]), b**2, np.arange(60) % 5)
+    >>> bool(np.abs(fit - b**2).max() < 0.05)
+    True
+    """
+    z = np.asarray(z, dtype=float)
+    scales = [s for s in _INTERACTION_SCALES if s == 0 or basis.interactions.shape[1]]
+    error = np.zeros((len(scales), len(_PENALTIES)))
+    for fold in np.unique(folds):
+        test, train = folds == fold, folds != fold
+        mean = z[train].mean()
+        for i, scale in enumerate(scales):
+            spectrum = _fold_spectrum(basis, train, test, scale)
+            if spectrum.d is None:
+                error[i] += ((z[test] - mean) ** 2).sum()
+                continue
+            pred = _ridge_predictions(spectrum, z[train] - mean, _PENALTIES[:, None]) + mean
+            error[i] += ((z[test][:, None] - pred) ** 2).sum(axis=0)
+    i, j = np.unravel_index(np.argmin(error), error.shape)
+    every = np.ones(len(z), dtype=bool)
+    spectrum = _fold_spectrum(basis, every, every, scales[i])
+    if spectrum.d is None:
+        return np.full(len(z), z.mean()), z - z.mean()
+    fit = _ridge_predictions(spectrum, z - z.mean(), _PENALTIES[j]) + z.mean()
+    lam = _PENALTIES[j] * np.mean(spectrum.d ** 2)
+    dof = (spectrum.d ** 2 / (spectrum.d ** 2 + lam)).sum() + 1
+    return fit, (z - fit) * np.sqrt(len(z) / max(len(z) - dof, 1))
+
+
+def twin_columns(fit: np.ndarray, residuals: np.ndarray, twins: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    r"""A synthetic target and ``twins`` twins: the target's fit plus permuted residuals.
+
+    Column 0 is :math:`Y^* = \hat f + e_{\pi_0}`, column k is :math:`T_k =
+    \hat f + e_{\pi_k}`, with independent row permutations: every twin is
+    conditionally independent of :math:`Y^*` given the controls by
+    construction, and both have the target's own dependence on them. A twin
+    the cross-fitted test calls associated with :math:`Y^*` is therefore a
+    false call on a response of this very shape (see :func:`cv_ridge_fit`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> twin_columns(np.zeros(4), np.arange(4.0), 2, np.random.default_rng(0)).shape
+    (4, 3)
+    """
+    order = np.argsort(rng.random((twins + 1, len(fit))), axis=1)
+    return fit[:, None] + residuals[order].T
 
 
 def _compact_projection(projection: np.ndarray, rows: np.ndarray | None, test: np.ndarray,

@@ -252,8 +252,8 @@ def test_claims_and_placebos_on_real_ledgers_are_reproducible() -> None:
     assert set(first.adjust) == {"auto", "rank"} and (first.reps == 4).all()
     assert first.set_index("adjust").loc["rank", "claims"] == 4   # the rank classes fall for the U
     placebo = chapter.placebo_check("u_proxy", 300, 40, 0.05, seed=0)
-    assert list(placebo.requested) == ["auto", "auto", "rank", "rank"]
-    assert set(placebo.kind) == {"noise", "proxy"} and (placebo.K == 40).all()
+    assert list(placebo.requested) == ["auto", "auto", "auto", "rank", "rank"]
+    assert list(placebo.kind) == ["noise", "proxy", "twin", "noise", "proxy"] and (placebo.K == 40).all()
     assert placebo.set_index(["requested", "kind"]).loc[("rank", "proxy"), "lo"] > 0.05
 
 
@@ -334,7 +334,7 @@ def test_smoke_run_glues_every_key_and_writes_artifacts(smoke_chapter) -> None:
     assert (calibration.lo <= calibration.rate).all() and (calibration.rate <= calibration.hi).all()
     claims = pd.read_csv(results / "claims.csv")
     assert set(claims.scenario) == set(chapter.CLAIM_SCENARIOS) and (claims.reps == 20).all()
-    assert len(pd.read_csv(results / "placebo.csv")) == 4
+    assert len(pd.read_csv(results / "placebo.csv")) == 5  # noise, proxy, twin (auto) + noise, proxy (rank)
     crossfit_rows = calibration[calibration.method == "crossfit"]
     assert crossfit_rows.coverage.astype(float).between(0, 1).all()
     boot = pd.read_csv(results / "bootstrap_coverage.csv")

@@ -111,7 +111,7 @@ def test_heterogeneous_grid_smoke_run(grid_smoke) -> None:
     controls = pd.read_csv(results / "controls.csv")
     assert list(controls.control) == ["positive"]     # the placebos judge the audit's size
     placebos = pd.read_csv(results / "placebos.csv")
-    assert set(placebos.audit) == {"baseline", "design", "both"} and set(placebos.kind) == {"noise", "proxy"}
+    assert set(placebos.audit) == {"baseline", "design", "both"} and set(placebos.kind) <= {"noise", "proxy", "twin"}
     replication = pd.read_csv(results / "replication.csv")
     assert list(replication.given) == ["lr, weight_decay", "val_loss@10"] and replication.n.eq(40).all()
     assert {"replication_raw_r", "replication_partial_r", "replication_class", "placebo_rate",

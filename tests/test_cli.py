@@ -95,7 +95,7 @@ def test_audit_calibrated_by_default_with_placebo_table(capsys, runs_csv: Path, 
     assert set(table.adjust) == {"crossfit"} and table.adj_r.notna().all()
     assert table.set_index("metric").classification["independent_signal"] == "survives"
     calibration = pd.read_csv(tmp_path / "report_calibration.csv")
-    assert set(calibration.kind) == {"noise", "proxy"} and (calibration.K == 50).all()
+    assert set(calibration.kind) == {"noise", "proxy", "twin"} and (calibration.K == 50).all()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -54,7 +54,7 @@ def test_placebos_reject_near_alpha_on_a_null():
     runs = SCENARIOS["interaction_proxy"].generate(np.random.default_rng(0), 300)
     result = audit(runs, "metric", "target", ["lr", "optimizer"], placebos=200)
     calibration = result.calibration.set_index("kind")
-    assert set(calibration.index) == {"noise", "proxy"}
+    assert set(calibration.index) == {"noise", "proxy", "twin"}
     assert (calibration.K == 200).all() and (calibration.adjust == "crossfit").all()
     assert (calibration.rate < 0.1).all() and result.trustworthy
 

@@ -637,8 +637,9 @@ def placebo_check(scenario: str, n: int, placebos: int, alpha: float, seed: int)
       requested   kind    adjust   K
     0      auto  noise  crossfit  20
     1      auto  proxy  crossfit  20
-    2      rank  noise      rank  20
-    3      rank  proxy      rank  20
+    2      auto   twin  crossfit  20
+    3      rank  noise      rank  20
+    4      rank  proxy      rank  20
     """
     spec = SCENARIOS[scenario]
     frame = spec.generate(np.random.default_rng([seed, n, 13, sum(map(ord, scenario))]), n)
@@ -687,7 +688,7 @@ def placebo_values(placebo: pd.DataFrame, scenario: str, n: int) -> dict:
         flagged[adjust] = bool((part.lo > part.alpha).any())
         values[f"placebo_class_{adjust}"] = str(part.classification.iloc[0])
         values[f"placebo_used_{adjust}"] = str(part.adjust.iloc[0])
-        for kind in ("noise", "proxy"):
+        for kind in ("noise", "proxy", "twin"):
             values[f"placebo_{kind}_{adjust}"] = pct(part.rate.get(kind, np.nan))
         values[f"placebo_flag_{adjust}"] = ("flags the adjustment as untrustworthy" if flagged[adjust]
                                             else "raises no flag")

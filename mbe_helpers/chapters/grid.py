@@ -481,7 +481,8 @@ def replication_table(audits: Mapping[str, AuditResult]) -> pd.DataFrame:
                      "cross-fitted": _with_interval(r.get("adj_r"), r.get("adj_lo"), r.get("adj_hi")),
                      "class": r.classification, "adjustment": r.adjust,
                      "noise placebos": _placebo_rate(result, "noise"),
-                     "proxy placebos": _placebo_rate(result, "proxy")})
+                     "proxy placebos": _placebo_rate(result, "proxy"),
+                     "twin placebos": _placebo_rate(result, "twin")})
     return pd.DataFrame(rows)
 
 
@@ -611,7 +612,8 @@ def replication_story(values: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------- the calibrated grid audit
 def calibration_values(audits: Mapping[str, AuditResult], name: str = "both") -> dict[str, Any]:
-    """``placebo_rate``, ``proxy_placebo_rate`` of audit ``name`` and whether it can be trusted.
+    """``placebo_rate``, ``proxy_placebo_rate``, ``twin_placebo_rate`` of audit ``name`` and
+    whether it can be trusted.
 
     Examples
     --------
@@ -619,10 +621,12 @@ def calibration_values(audits: Mapping[str, AuditResult], name: str = "both") ->
     True
     """
     if name not in audits:
-        return {"placebo_rate": float("nan"), "proxy_placebo_rate": float("nan"), "trustworthy": False}
+        return {"placebo_rate": float("nan"), "proxy_placebo_rate": float("nan"),
+                "twin_placebo_rate": float("nan"), "trustworthy": False}
     result = audits[name]
     return {"placebo_rate": _placebo_rate(result, "noise"),
             "proxy_placebo_rate": _placebo_rate(result, "proxy"),
+            "twin_placebo_rate": _placebo_rate(result, "twin"),
             "trustworthy": bool(result.trustworthy)}
 
 
@@ -638,7 +642,7 @@ def calibration_table(audits: Mapping[str, AuditResult]) -> pd.DataFrame:
     ...                       "val": lr + rng.normal(0, .3, 80)})
     >>> audits = replication_audits(frame, "m", "y", baseline="val", placebos=20)
     >>> calibration_table(audits)[["audit", "kind", "K"]].values.tolist()
-    [['design', 'noise', 20], ['design', 'proxy', 20], ['baseline', 'noise', 20], ['baseline', 'proxy', 20]]
+    [['design', 'noise', 20], ['design', 'proxy', 20], ['design', 'twin', 20], ['baseline', 'noise', 20], ['baseline', 'proxy', 20], ['baseline', 'twin', 20]]
     """
     parts = [r.calibration.assign(audit=name) for name, r in audits.items()
              if r.calibration is not None and len(r.calibration)]
