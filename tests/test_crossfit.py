@@ -322,3 +322,44 @@ def test_a_proxy_through_five_controls_holds_the_size():
         scenario = SCENARIOS["additive_proxy_5"]
         rejections += crossfit_test(scenario.generate(rng, 300), scenario, rng).p < 0.05
     assert rejections <= 4            # 13 % of 30; a calibrated test exceeds it 2 % of the time
+
+
+def test_twin_placebos_withhold_the_claim_of_a_proxy_through_five_controls():
+    """The ledger (seed 10, n = 300) on which the plain auto audit calls the proxy 'survives'."""
+    scenario = SCENARIOS["additive_proxy_5"]
+    frame = scenario.generate(np.random.default_rng([10, 300]), 300)
+    controls = list(scenario.controls)
+    plain = audit(frame, "metric", "target", controls, seed=10)
+    with pytest.warns(UserWarning, match="twin placebos"):
+        checked = audit(frame, "metric", "target", controls, seed=10, placebos=200)
+    assert plain.classification("metric") == "survives"
+    row = checked.table.iloc[0]
+    assert row.classification == "inconclusive" and "survives withheld" in row.note
+    twin = checked.calibration.set_index("kind").loc["twin"]
+    assert twin.lo > 0.05 and twin.K == 200
+
+
+def test_twin_placebos_hold_alpha_and_leave_an_independent_null_alone():
+    scenario = SCENARIOS["independent_null"]
+    for seed in range(3):
+        frame = scenario.generate(np.random.default_rng([seed, 300]), 300)
+        plain = audit(frame, "metric", "target", list(scenario.controls), seed=seed)
+        checked = audit(frame, "metric", "target", list(scenario.controls), seed=seed, placebos=200)
+        twin = checked.calibration.set_index("kind").loc["twin"]
+        assert twin.rate < 0.1 and twin.lo <= 0.05
+        assert checked.classification("metric") == plain.classification("metric")
+
+
+def test_kept_fits_for_a_list_equal_the_fits_kept_one_at_a_time():
+    rng = np.random.default_rng(4)
+    controls = rng.uniform(-2, 2, size=(120, 2))
+    responses = np.column_stack([np.sin(controls[:, 0]) + rng.normal(size=120) for _ in range(3)])
+    basis = crossfit.control_basis(controls)
+    folds = crossfit.fold_ids(120, 5, seed=4)
+    residuals, both = crossfit.crossfit_residuals(basis, responses, folds, keep=[0, 1])
+    new_columns = rng.normal(size=(120, 4))
+    for column in (0, 1):
+        alone_residuals, alone = crossfit.crossfit_residuals(basis, responses, folds, keep=column)
+        assert np.allclose(residuals, alone_residuals)
+        assert np.allclose(crossfit.refit_residuals(both[column], new_columns),
+                           crossfit.refit_residuals(alone, new_columns))
