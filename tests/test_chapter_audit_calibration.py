@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "book" / "05_audit_calibration.ipynb"
 STEM = "05_audit_calibration"
 DEFAULTS = dict(n_values=[60, 150, 300, 1000], reps=200, scenarios=None, alpha=0.05, focus_n=300,
-                claim_reps=200, placebos=200, seed=0, workers=2, results_dir="out")
+                claim_reps=200, twin_reps=40, placebos=200, seed=0, workers=2, results_dir="out")
 
 # Rejections out of REPS per (scenario, n, method): u_proxy breaks the rank-linear tests and
 # gets worse with n, crossfit holds both nulls, the signal is found by all from n = 300.
@@ -257,6 +257,25 @@ def test_claims_and_placebos_on_real_ledgers_are_reproducible() -> None:
     assert placebo.set_index(["requested", "kind"]).loc[("rank", "proxy"), "lo"] > 0.05
 
 
+def test_twin_withholding_table_and_sentences() -> None:
+    twins = chapter.twin_withholding(["additive_proxy_5", "genuine_increment"], 300, 3, 40, 0.05,
+                                     seed=0, workers=1)
+    assert list(twins.scenario) == ["additive_proxy_5", "genuine_increment"]
+    assert list(twins.kind) == ["null", "signal"] and (twins.reps == 3).all()
+    assert (twins.claims_checked <= twins.claims_plain).all()          # withholding only removes
+    assert twins.set_index("scenario").flagged["additive_proxy_5"] > 0
+    values = chapter.twin_values(twins)
+    assert values["twin_reps"] == 3 and values["twin_scenario_signal"] == "genuine_increment"
+    alone = chapter.twin_values(twins[twins.kind == "null"])
+    assert alone["twin_plain_signal"] == "–" and "hit rate" not in alone["twin_sentence"]
+
+
+def test_twin_scenarios_fall_back_to_what_was_run() -> None:
+    params = chapter.validate(**{**DEFAULTS, "scenarios": ["u_proxy", "independent_null"]})
+    assert params.twin_scenarios == ("u_proxy",)
+    assert chapter.validate(**DEFAULTS).twin_scenarios == chapter.TWIN_SCENARIOS
+
+
 # ---------------------------------------------------------------- notebook
 def code_cells() -> list[dict]:
     return [c for c in cells(NOTEBOOK) if c["cell_type"] == "code"]
@@ -292,6 +311,13 @@ def test_prose_types_no_numbers_it_does_not_glue() -> None:
     assert not re.findall(r"\d+(?:\.\d+)? ?%", prose)
 
 
+def constructed_twins() -> pd.DataFrame:
+    return pd.DataFrame({"scenario": ["additive_proxy_5", "genuine_increment"],
+                         "kind": ["null", "signal"], "n": 300, "reps": 40, "placebos": 200,
+                         "claims_plain": [0.1, 0.95], "claims_checked": [0.0, 0.95],
+                         "flagged": [1.0, 0.0], "twin_rate": [0.4, 0.05]})
+
+
 def test_every_glue_role_is_produced_by_the_chapter_module() -> None:
     table = constructed_table()
     produced = {**chapter.scenario_values(list(SCENARIOS)),
@@ -300,7 +326,8 @@ def test_every_glue_role_is_produced_by_the_chapter_module() -> None:
                 **chapter.placebo_values(constructed_placebo(), "u_proxy", 300),
                 **chapter.verdict(table, 300, 0.05),
                 **chapter.coverage_values(table, 300),
-                **chapter.bootstrap_values(pd.DataFrame({"coverage": [0.94, 0.96]}))}
+                **chapter.bootstrap_values(pd.DataFrame({"coverage": [0.94, 0.96]})),
+                **chapter.twin_values(constructed_twins())}
     text = "\n".join(source(c) for c in code_cells())
     static = set(re.findall(r'glue\("(\w+)"', text))
     assert glue_roles(NOTEBOOK) <= set(produced) | static
@@ -335,6 +362,8 @@ def test_smoke_run_glues_every_key_and_writes_artifacts(smoke_chapter) -> None:
     claims = pd.read_csv(results / "claims.csv")
     assert set(claims.scenario) == set(chapter.CLAIM_SCENARIOS) and (claims.reps == 20).all()
     assert len(pd.read_csv(results / "placebo.csv")) == 5  # noise, proxy, twin (auto) + noise, proxy (rank)
+    twins = pd.read_csv(results / "twins.csv")
+    assert list(twins.scenario) == list(chapter.TWIN_SCENARIOS) and (twins.reps == 5).all()
     crossfit_rows = calibration[calibration.method == "crossfit"]
     assert crossfit_rows.coverage.astype(float).between(0, 1).all()
     boot = pd.read_csv(results / "bootstrap_coverage.csv")

@@ -48,6 +48,8 @@ METHOD_LABELS = {
 #: Null scenarios whose ledgers are audited for the false-claim rate (those that were run).
 CLAIM_SCENARIOS = ("linear_proxy", "u_proxy", "interaction_proxy", "clustered_null",
                    "additive_proxy_5")
+#: The null and the signal of the twin-withholding study (else the first of each kind run).
+TWIN_SCENARIOS = ("additive_proxy_5", "genuine_increment")
 #: The null scenario of the placebo self-calibration (else the first null run).
 PLACEBO_SCENARIO = "u_proxy"
 #: Power a method must reach on every signal for :func:`power_sentence`'s smallest n.
@@ -62,10 +64,10 @@ class Params:
     Examples
     --------
     >>> p = validate(n_values=[300, 60], reps=20, scenarios=["u_proxy", "genuine_increment"],
-    ...              alpha=0.05, focus_n=60, claim_reps=20, placebos=50, seed=0, workers=1,
+    ...              alpha=0.05, focus_n=60, claim_reps=20, twin_reps=5, placebos=50, seed=0, workers=1,
     ...              results_dir="out")
-    >>> p.n_values, p.claim_scenarios, p.placebo_scenario
-    ((60, 300), ('u_proxy',), 'u_proxy')
+    >>> p.n_values, p.claim_scenarios, p.placebo_scenario, p.twin_scenarios
+    ((60, 300), ('u_proxy',), 'u_proxy', ('u_proxy', 'genuine_increment'))
     """
 
     n_values: tuple[int, ...]
@@ -74,6 +76,7 @@ class Params:
     alpha: float
     focus_n: int
     claim_reps: int
+    twin_reps: int
     placebos: int
     seed: int
     workers: int
@@ -84,6 +87,16 @@ class Params:
         """The scenarios of :data:`CLAIM_SCENARIOS` that were run, else the first four nulls run."""
         chosen = tuple(s for s in CLAIM_SCENARIOS if s in self.scenarios)
         return chosen or tuple(s for s in self.scenarios if SCENARIOS[s].kind == "null")[:4]
+
+    @property
+    def twin_scenarios(self) -> tuple[str, ...]:
+        """The null and the signal of :data:`TWIN_SCENARIOS` that were run, else the first run."""
+        picked = []
+        for kind, preferred in zip(("null", "signal"), TWIN_SCENARIOS):
+            run = [s for s in self.scenarios if SCENARIOS[s].kind == kind]
+            if run:
+                picked.append(preferred if preferred in run else run[0])
+        return tuple(picked)
 
     @property
     def placebo_scenario(self) -> str:
@@ -104,14 +117,15 @@ def validate(**values) -> Params:
     Examples
     --------
     >>> p = validate(n_values=[300, 60], reps=20, scenarios=None, alpha=0.05, focus_n=300,
-    ...              claim_reps=20, placebos=50, seed=0, workers=1, results_dir="out")
+    ...              claim_reps=20, twin_reps=5, placebos=50, seed=0, workers=1, results_dir="out")
     >>> p.n_values, len(p.scenarios) == len(SCENARIOS)
     ((60, 300), True)
     """
     checked = check(STEM, values)
     return Params(tuple(sorted(checked.n_values)), checked.reps,
                   tuple(checked.scenarios or SCENARIOS), checked.alpha, checked.focus_n,
-                  checked.claim_reps, checked.placebos, checked.seed, checked.workers, checked)
+                  checked.claim_reps, checked.twin_reps, checked.placebos, checked.seed,
+                  checked.workers, checked)
 
 
 # ------------------------------------------------------------------ formats
@@ -706,6 +720,111 @@ def placebo_values(placebo: pd.DataFrame, scenario: str, n: int) -> dict:
     return values
 
 
+# ------------------------------------------------------- twin withholding
+def _twin_task(args: tuple) -> dict:
+    name, n, rep, seed, alpha, placebos = args
+    scenario = SCENARIOS[name]
+    frame = scenario.generate(np.random.default_rng([seed, n, rep, 17, sum(map(ord, name))]), n)
+    controls, cluster = list(scenario.controls), scenario.cluster
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = audit(frame, ["metric"], "target", controls, cluster=cluster, seed=seed + rep,
+                      alpha=alpha)
+        checked = audit(frame, ["metric"], "target", controls, cluster=cluster, seed=seed + rep,
+                        alpha=alpha, placebos=placebos)
+    twin = checked.calibration.set_index("kind").loc["twin"]
+    return {"scenario": name, "kind": scenario.kind, "rep": rep,
+            "plain": str(plain.table.classification.iloc[0]),
+            "checked": str(checked.table.classification.iloc[0]),
+            "twin_rate": float(twin.rate), "flagged": bool(twin.lo > twin.alpha)}
+
+
+def twin_withholding(scenarios: Sequence[str], n: int, reps: int, placebos: int, alpha: float,
+                     seed: int, workers: int) -> pd.DataFrame:
+    """Claims of ``adjust="auto"`` without placebos and with ``placebos`` (whose twins withhold).
+
+    Each of ``reps`` ledgers per scenario is audited twice with ``adjust="auto"``:
+    with ``placebos=0`` and with ``placebos``. Under crossfit a group whose
+    twin placebos (copies of the target's own dependence on the controls)
+    reject with a Wilson lower bound above alpha has its claims withheld
+    (class ``inconclusive``). On a null every claim is false; on a signal the
+    claim rate is the hit rate.
+
+    Returns
+    -------
+    DataFrame
+        ``scenario, kind, n, reps, placebos, claims_plain, claims_checked,
+        flagged, twin_rate`` (rates over the ledgers; ``twin_rate`` the mean
+        share of twins called associated).
+
+    Examples
+    --------
+    >>> t = twin_withholding(["independent_null"], n=100, reps=2, placebos=20, alpha=0.05,
+    ...                      seed=0, workers=1)
+    >>> t[["scenario", "kind", "n", "reps", "placebos"]]
+               scenario  kind    n  reps  placebos
+    0  independent_null  null  100     2        20
+    """
+    tasks = [(name, int(n), rep, seed, alpha, placebos) for name in scenarios for rep in range(reps)]
+    ledgers = pd.DataFrame(_map_tasks(_twin_task, tasks, workers))
+    ledgers["claims_plain"] = ledgers.plain.isin(CLAIMS)
+    ledgers["claims_checked"] = ledgers.checked.isin(CLAIMS)
+    table = ledgers.groupby(["scenario", "kind"], sort=False).agg(
+        reps=("rep", "size"), claims_plain=("claims_plain", "mean"),
+        claims_checked=("claims_checked", "mean"), flagged=("flagged", "mean"),
+        twin_rate=("twin_rate", "mean")).reset_index()
+    table.insert(2, "n", int(n))
+    table.insert(4, "placebos", int(placebos))
+    return table
+
+
+def _moved(before: float, after: float) -> str:
+    """``'falls from 10 % to 0 %'``, ``'rises from ...'`` or ``'stays at 5 %'``."""
+    if pct(before) == pct(after):
+        return f"stays at {pct(after)}"
+    return f"{'falls' if after < before else 'rises'} from {pct(before)} to {pct(after)}"
+
+
+def twin_values(twins: pd.DataFrame) -> dict:
+    """Values and the sentence of the twin-withholding section.
+
+    Keys: ``twin_n, twin_reps, twin_placebos``; per row kind ``k`` in (null,
+    signal): ``twin_scenario_k, twin_plain_k, twin_checked_k, twin_flag_k``
+    ('–' where no such scenario was run); ``twin_sentence``.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"scenario": ["additive_proxy_5", "genuine_increment"],
+    ...                   "kind": ["null", "signal"], "n": 300, "reps": 40, "placebos": 200,
+    ...                   "claims_plain": [0.1, 0.9], "claims_checked": [0.0, 0.9],
+    ...                   "flagged": [1.0, 0.0], "twin_rate": [0.4, 0.05]})
+    >>> v = twin_values(t)
+    >>> v["twin_plain_null"], v["twin_checked_null"], v["twin_flag_signal"]
+    ('10 %', '0 %', '0 %')
+    >>> print(v["twin_sentence"])
+    with the twins' check the false-claim rate on additive_proxy_5 falls from 10 % to 0 % and the
+    hit rate on genuine_increment stays at 90 %
+    """
+    values = {"twin_n": int(twins.n.iloc[0]), "twin_reps": int(twins.reps.max()),
+              "twin_placebos": int(twins.placebos.iloc[0])}
+    rows = {}
+    for kind in ("null", "signal"):
+        part = twins[twins.kind == kind]
+        rows[kind] = part.iloc[0] if len(part) else None
+        for key, column in (("plain", "claims_plain"), ("checked", "claims_checked"),
+                            ("flag", "flagged")):
+            values[f"twin_{key}_{kind}"] = pct(rows[kind][column]) if len(part) else "–"
+        values[f"twin_scenario_{kind}"] = str(rows[kind].scenario) if len(part) else "–"
+    null, signal = rows["null"], rows["signal"]
+    sentence = (f"with the twins' check the false-claim rate on {null.scenario} "
+                f"{_moved(null.claims_plain, null.claims_checked)}")
+    if signal is not None:
+        sentence += (f" and the hit rate on {signal.scenario} "
+                     f"{_moved(signal.claims_plain, signal.claims_checked)}")
+    values["twin_sentence"] = sentence
+    return values
+
+
 # --------------------------------------------------------------- coverage
 def coverage_table(table: pd.DataFrame) -> pd.DataFrame:
     """Coverage of the cross-fitted 95 % interval as text: rows (kind, scenario), columns n.
@@ -918,12 +1037,11 @@ def _over_rejections(table: pd.DataFrame, n: int, alpha: float) -> pd.DataFrame:
     return scores.sort_values(["over", "rate"], kind="stable")
 
 
-__all__ = ["CLAIM_SCENARIOS", "METHOD_LABELS", "PLACEBO_SCENARIO", "POWER_GOAL", "Params",
-           "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SCENARIOS", "and_join", "bootstrap_coverage",
-           "bootstrap_values", "claim_rates", "claim_values", "coverage_table", "coverage_values",
-           "failures_sentence", "holders",
-           "holders_sentence", "method_key", "null_status", "pct", "placebo_check",
-           "placebo_values", "plot_rates", "power_sentence", "rates_at", "run_size_power",
-           "scenario_table", "scenario_values", "size_power_values",
-           "size_sentence", "summarise_claims", "trend_sentence", "validate", "verdict",
-           "worst_sentence"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SCENARIOS", "CLAIM_SCENARIOS", "METHOD_LABELS",
+           "PLACEBO_SCENARIO", "POWER_GOAL", "Params", "TWIN_SCENARIOS", "and_join",
+           "bootstrap_coverage", "bootstrap_values", "claim_rates", "claim_values",
+           "coverage_table", "coverage_values", "failures_sentence", "holders", "holders_sentence",
+           "method_key", "null_status", "pct", "placebo_check", "placebo_values", "plot_rates",
+           "power_sentence", "rates_at", "run_size_power", "scenario_table", "scenario_values",
+           "size_power_values", "size_sentence", "summarise_claims", "trend_sentence",
+           "twin_values", "twin_withholding", "validate", "verdict", "worst_sentence"]
