@@ -5,8 +5,9 @@ of the controls; they do not share the target's misfit, so they miss the audit's
 worst known failure (a smooth proxy through five controls, ``additive_proxy_5``).
 The *twin* placebos copy the target's own dependence on the controls
 (:func:`mbe_helpers.crossfit.cv_ridge_fit`, :func:`mbe_helpers.crossfit.twin_columns`).
-When any placebo kind's Wilson lower bound exceeds alpha, the audit withholds the
-group's cross-fitted claims (class ``inconclusive``).
+When the twins' Wilson lower bound exceeds alpha, the audit withholds a cross-fitted
+claim of that group (class ``inconclusive``) unless the metric's GCM statistic is beyond
+the twins' (twin-referenced p at most a tenth of alpha).
 
 Per scenario and n this prints, over ``reps`` ledgers audited with ``adjust="auto"``
 and ``placebos=200``: the metric's cross-fitted rejection rate (``adj_p < alpha``),

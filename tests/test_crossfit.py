@@ -330,13 +330,31 @@ def test_twin_placebos_withhold_the_claim_of_a_proxy_through_five_controls():
     frame = scenario.generate(np.random.default_rng([10, 300]), 300)
     controls = list(scenario.controls)
     plain = audit(frame, "metric", "target", controls, seed=10)
-    with pytest.warns(UserWarning, match="twin placebos"):
-        checked = audit(frame, "metric", "target", controls, seed=10, placebos=200)
+    checked = audit(frame, "metric", "target", controls, seed=10, placebos=200)
     assert plain.classification("metric") == "survives"
     row = checked.table.iloc[0]
     assert row.classification == "inconclusive" and "survives withheld" in row.note
+    assert "twin-referenced p" in row.note
     twin = checked.calibration.set_index("kind").loc["twin"]
-    assert twin.lo > 0.05 and twin.K == 200
+    assert twin.lo > 0.05 and twin.K == 200 and "a claim must beat the twins" in twin.note
+    assert checked.trustworthy                                  # twins gate claims, not trust
+
+
+def test_an_increment_beyond_every_flagged_twin_keeps_its_claim():
+    """The five-control proxy flags the twins; a metric that also tracks a trait of the target's
+    own beats every twin, so its claim stands, with the reference in its note."""
+    scenario = SCENARIOS["additive_proxy_5"]
+    rng = np.random.default_rng([1, 600])
+    frame = scenario.generate(rng, 600)
+    trait = rng.normal(size=600)
+    frame["target"] += 0.2 * frame["target"].std() * trait
+    frame["metric"] = trait + 0.3 * rng.normal(size=600)
+    result = audit(frame, "metric", "target", list(scenario.controls), placebos=200, seed=1)
+    twin = result.calibration.set_index("kind").loc["twin"]
+    row = result.table.iloc[0]
+    assert twin.lo > 0.05 and row.classification == "survives"
+    assert "0 of them have a GCM statistic" in row.note and "the claim stands" in row.note
+    assert "_adj_stat" not in result.table
 
 
 def test_twin_placebos_hold_alpha_and_leave_an_independent_null_alone():
