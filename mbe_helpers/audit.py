@@ -964,7 +964,7 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
         _count_duplicates(rows, groups, target, settings, dedupe)
         calibration = _placebo_table(groups, target, settings)
     table = _finish_table(rows, settings)
-    _withhold_untrusted_claims(table, calibration, settings)
+    _gate_claims_by_twins(table, calibration, settings)
     table = table.drop(columns=["_adj_stat"], errors="ignore")
     return AuditResult(table=table, data=df, metrics=metrics,
                        target=target, controls=controls, groupby=groupby,
@@ -1217,11 +1217,11 @@ def _placebo_table(groups, target: str, settings: _Settings) -> pd.DataFrame:
 
 
 #: Share of alpha that a claim's twin-referenced p must reach when the twins are flagged (see
-#: :func:`_withhold_untrusted_claims`): with 200 placebos, beyond every twin.
+#: :func:`_gate_claims_by_twins`): with 200 placebos, beyond every twin.
 TWIN_LEVEL_SHARE = 0.1
 
 
-def _withhold_untrusted_claims(table: pd.DataFrame, calibration: pd.DataFrame,
+def _gate_claims_by_twins(table: pd.DataFrame, calibration: pd.DataFrame,
                                settings: _Settings) -> None:
     r"""Withhold (class ``inconclusive``, in place) the cross-fitted claims of a group whose twin
     placebos reject too often, unless the metric beats the twins.

@@ -144,7 +144,7 @@ They do not make the metric's test hold its size; they gate its claims. In
 ledgers and 45-92.5 % of ``pure_noise_8``'s, 0-17.5 % of the other nulls
 and 0-2.5 % of the signals. A flagged group's claim stands only when the
 metric's statistic is beyond the twins' (see the audit's
-``_withhold_untrusted_claims``), which cut the five-control proxy's claims
+``_gate_claims_by_twins``), which cut the five-control proxy's claims
 from 10, 7.5 and 10 % of ledgers to 5, 2.5 and 2.5 % (the rest come from
 ledgers the twins did not flag) and left every signal's hit rate unchanged. Withholding every claim of a flagged group
 instead cost the genuine increment of ``bench/bench_crossfit.py``'s grid its
