@@ -223,7 +223,7 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
         return "inconclusive", f"{claimed} not shown: " + "; ".join(reasons)
     missing = "the adjusted association" if not adjusted_ok else "the raw association"
     mde = crossfit.minimum_detectable_r(n, alpha) if n > 3 else float("nan")
-    needed = crossfit.rows_to_detect(adjusted, alpha) if 0 < abs(adjusted) < 1 else "many"
+    needed = f"{crossfit.rows_to_detect(adjusted, alpha):,}" if 0 < abs(adjusted) < 1 else "many"
     return "inconclusive", (f"{claimed} not shown: {missing} is not significant; at n = {n} the "
                             f"smallest |rho| detectable with 80 % power is {mde:.2f}, and "
                             f"|rho| = {abs(adjusted):.2f} would need about {needed} rows")
@@ -235,7 +235,7 @@ def _rows_for_band(adjusted: float, washout: float, alpha: float) -> str:
     if not np.isfinite(gap) or gap <= 0:
         return f"the adjusted estimate {adjusted:+.2f} is itself outside ±{washout:.2f}"
     rows = int(np.ceil((stats.norm.ppf(1 - alpha) / np.arctanh(gap)) ** 2 + 3))
-    return f"about {rows} rows would show it"
+    return f"about {rows:,} rows would show it"
 
 
 def _rows_beyond_band(adjusted: float, washout: float, alpha: float, power: float = 0.8) -> str:
@@ -252,7 +252,7 @@ def _rows_beyond_band(adjusted: float, washout: float, alpha: float, power: floa
     if not np.isfinite(gap) or gap <= 0:
         return f"the adjusted estimate {adjusted:+.2f} is itself inside ±{washout:.2f}"
     rows = int(np.ceil(((stats.norm.ppf(1 - alpha) + stats.norm.ppf(power)) / gap) ** 2 + 3))
-    return f"about {rows} rows would show it with {power * 100:.0f} % power"
+    return f"about {rows:,} rows would show it with {power * 100:.0f} % power"
 
 
 # --------------------------------------------------------------------------- #
