@@ -1392,14 +1392,15 @@ def _twin_placebo_p(y, clean, controls, clusters, settings, rng) -> tuple[np.nda
     sizes = np.diff(np.linspace(0, k, -(-k // TWINS_PER_TARGET) + 1).round().astype(int))
     groups = [crossfit.twin_columns(fit, residuals, int(size), rng) for size in sizes]
     columns = np.column_stack([y, *[g[:, 0] for g in groups], *[g[:, 1:] for g in groups]])
-    e, fits = crossfit.crossfit_residuals(basis, columns, folds, keep=list(range(1, len(groups) + 1)))
+    targets = list(range(1, len(groups) + 1))                      # the synthetic targets' columns
+    e, fits = crossfit.crossfit_residuals(basis, columns, folds, keep=targets)
     starts = len(groups) + 1 + np.concatenate([[0], np.cumsum(sizes)])
     draws = min(settings.draws, PLACEBO_DRAWS)
     p, statistics = [], []
     for j in range(len(groups)):
         twins, synthetic = e[:, starts[j]:starts[j + 1]], e[:, j + 1]
         p.append(crossfit.wild_gcm_p(twins, synthetic, fits[j], draws, rng, clusters))
-        statistics.append(np.abs(crossfit.gcm_test(twins, synthetic, clusters).statistic))
+        statistics.append(np.abs(crossfit.gcm_statistic(twins, synthetic[:, None], clusters)[0]))
     return np.concatenate(p), np.concatenate(statistics)
 
 

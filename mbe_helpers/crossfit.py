@@ -146,10 +146,11 @@ and 0-7.5 % of the signals. A flagged group's claim stands only when the
 metric's statistic is beyond the twins' (see the audit's
 ``_gate_claims_by_twins``), which cut the five-control proxy's claims
 from 10, 7.5 and 10 % of ledgers to 7.5, 2.5 and 0 % (the rest come from
-ledgers the twins did not flag) and left every signal's hit rate unchanged. Withholding every claim of a flagged group
-instead cost the genuine increment of ``bench/bench_crossfit.py``'s grid its
-"survives": on a grid whose controls explain most of the target the twins,
-an exact copy of its fitted shape, reject almost always (199 of 200 there).
+ledgers the twins did not flag) and left every signal's hit rate unchanged.
+Withholding every claim of a flagged group instead cost the genuine
+increment of ``bench/bench_crossfit.py``'s grid its "survives": on a grid
+whose controls explain most of the target the twins, an exact copy of its
+fitted shape, reject almost always (199 of 200 there).
 A GCV fit instead of CV flagged the clustered null (twins 74 %), and twins
 tested against the real target carried its noise (25 % on the independent
 null).
@@ -1107,6 +1108,28 @@ def _cluster_sums(values: np.ndarray, clusters: np.ndarray | None) -> np.ndarray
     return _sum_by(flat, pd.factorize(clusters)[0]).reshape((-1,) + values.shape[1:])
 
 
+def gcm_statistic(e_m: np.ndarray, e_y: np.ndarray, clusters) -> tuple[np.ndarray, int]:
+    r"""The studentised GCM statistics (K,) of residual columns ``e_m`` (n, K) against ``e_y``
+    (n, 1), :math:`\sum_i e_{M,i} e_{Y,i} / \hat\sigma`, and the number of independent units
+    (rows, or clusters when given); :func:`gcm_test` adds its p-value and interval.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> e = np.random.default_rng(0).normal(size=(100, 3))
+    >>> statistic, units = gcm_statistic(e[:, :2], e[:, 2:], None)
+    >>> bool(np.allclose(statistic, gcm_test(e[:, :2], e[:, 2]).statistic)), units
+    (True, 100)
+    """
+    products = e_m * e_y
+    sums = _cluster_sums(products, clusters)
+    units = len(sums)
+    centred = sums - _cluster_sums(np.ones((len(e_y), 1)), clusters) * products.mean(axis=0)
+    variance = (centred**2).sum(axis=0) * units / max(units - 1, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return products.sum(axis=0) / np.sqrt(variance), units
+
+
 def gcm_test(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None = None,
              ci: float = 0.95, fitted_dof: float = 0.0, fits: KeptFits | None = None,
              draws: int = 999, rng: np.random.Generator | None = None) -> GCMTest:
@@ -1140,14 +1163,7 @@ def gcm_test(e_m: np.ndarray, e_y: np.ndarray, clusters: np.ndarray | None = Non
     single = np.ndim(e_m) == 1
     e_m = np.asarray(e_m, dtype=float).reshape(len(e_m), -1)
     e_y = np.asarray(e_y, dtype=float).reshape(-1, 1)
-    n = len(e_y)
-    products = e_m * e_y
-    sums = _cluster_sums(products, clusters)
-    units = len(sums)
-    centred = sums - _cluster_sums(np.ones((n, 1)), clusters) * products.mean(axis=0)
-    variance = (centred**2).sum(axis=0) * units / max(units - 1, 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        statistic = products.sum(axis=0) / np.sqrt(variance)
+    statistic, units = gcm_statistic(e_m, e_y, clusters)
     dof = max(units - 1, 1)
     if fits is None:
         p, tau2, covers_zero = 2.0 * stats.t.sf(np.abs(statistic), dof), np.ones(e_m.shape[1]), None

@@ -64,8 +64,8 @@ class Params:
     Examples
     --------
     >>> p = validate(n_values=[300, 60], reps=20, scenarios=["u_proxy", "genuine_increment"],
-    ...              alpha=0.05, focus_n=60, claim_reps=20, twin_reps=5, placebos=50, seed=0, workers=1,
-    ...              results_dir="out")
+    ...              alpha=0.05, focus_n=60, claim_reps=20, twin_reps=5, placebos=50, seed=0,
+    ...              workers=1, results_dir="out")
     >>> p.n_values, p.claim_scenarios, p.placebo_scenario, p.twin_scenarios
     ((60, 300), ('u_proxy',), 'u_proxy', ('u_proxy', 'genuine_increment'))
     """
@@ -742,14 +742,14 @@ def _twin_task(args: tuple) -> dict:
 
 def twin_withholding(scenarios: Sequence[str], n: int, reps: int, placebos: int, alpha: float,
                      seed: int, workers: int) -> pd.DataFrame:
-    """Claims of ``adjust="auto"`` without placebos and with ``placebos`` (whose twins withhold).
+    """Claims of ``adjust="auto"`` without placebos and with ``placebos`` (whose twins gate them).
 
     Each of ``reps`` ledgers per scenario is audited twice with ``adjust="auto"``:
-    with ``placebos=0`` and with ``placebos``. Under crossfit a group whose
+    with ``placebos=0`` and with ``placebos``. Under crossfit, when a group's
     twin placebos (copies of the target's own dependence on the controls)
-    reject with a Wilson lower bound above alpha has its claims withheld
-    (class ``inconclusive``). On a null every claim is false; on a signal the
-    claim rate is the hit rate.
+    reject with a Wilson lower bound above alpha, a claim that does not beat
+    the twins is withheld (class ``inconclusive``). On a null every claim is
+    false; on a signal the claim rate is the hit rate.
 
     Returns
     -------
