@@ -165,7 +165,7 @@ that is what keeps the audit's self-calibration cheap. A grid repeats each
 configuration over seeds, so the factorisation is taken on the distinct rows
 of the basis (:func:`_distinct_spectrum`: the same fit from an m-row
 problem) and the wild refits apply the fit per configuration
-(:func:`_compact_projection`).
+(:attr:`_FoldFit.compact`).
 
 What was measured to choose it (:func:`mbe_helpers.simulate.run_calibration`,
 200 repetitions; sizes of the crossfit test at alpha = 0.05):
@@ -242,6 +242,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -486,12 +487,6 @@ class _Spectrum:
         a = self.left.T @ (y if self.pool is None else self.pool @ y)
         return a if self.right is None else self.right.T @ a
 
-    def test_fit(self, weights: np.ndarray) -> np.ndarray:
-        r""":math:`(T_V \operatorname{diag}(w)) U^\top`: the test rows' fit of training responses."""
-        rows = self.test_v * weights
-        fit = (rows if self.right is None else rows @ self.right.T) @ self.left.T
-        return fit if self.pool is None else np.asarray(fit @ self.pool)
-
 
 def _spectrum(x: np.ndarray, test: np.ndarray) -> tuple:
     r"""``(left, right, d, test_v)`` of the centred training basis ``x`` (see :class:`_Spectrum`).
@@ -574,18 +569,20 @@ def _step_cuts(ranks: np.ndarray, y: np.ndarray) -> np.ndarray:
     >>> _step_cuts(u[:, None], y).round(4).tolist()
     [0.6025]
     """
-    m = len(y)
+    m, k = ranks.shape
     window = max(8, int(np.sqrt(m)))
-    cuts = []
-    for u in ranks.T:
-        order = np.argsort(u, kind="stable")
-        sorted_u, sums = u[order], np.r_[0.0, np.cumsum(y[order])]
-        gap = np.arange(window, m - window + 1)           # rows gap-w..gap-1 | gap..gap+w-1
+    order = np.argsort(ranks, axis=0, kind="stable")                   # every column at once
+    sorted_u = np.take_along_axis(ranks, order, axis=0)
+    sums = np.vstack([np.zeros((1, k)), np.cumsum(y[order], axis=0)])
+    gap = np.arange(window, m - window + 1)               # rows gap-w..gap-1 | gap..gap+w-1
+    if not len(gap):
+        best = np.full(k, m // 2)
+    else:
         jump = np.abs(sums[gap + window] - 2 * sums[gap] + sums[gap - window])
         jump[sorted_u[gap - 1] >= sorted_u[np.minimum(gap, m - 1)]] = -1.0   # ties: no gap
-        best = gap[np.argmax(jump)] if len(gap) else m // 2
-        cuts.append(0.5 * (sorted_u[best - 1] + sorted_u[min(best, m - 1)]))
-    return np.array(cuts)
+        best = gap[np.argmax(jump, axis=0)]
+    columns = np.arange(k)
+    return 0.5 * (sorted_u[best - 1, columns] + sorted_u[np.minimum(best, m - 1), columns])
 
 
 def _level_steps(basis: ControlBasis, train: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -750,16 +747,68 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         out[test] = ranked[test] - best_pred
         dof += best_dof / len(np.unique(folds))
         for position, (j, (_, w, spectrum, _)) in enumerate(zip(kept, best_ops)):
-            hat = (spectrum.test_fit(w[j]) if spectrum.d is not None  # the fold's fit of
-                   else np.zeros((int(test.sum()), int(train.sum()))))  # centred responses
-            # e[test] = v[test] - P v[train]: the centring folded into one (n_test, n_train) matrix
-            projection = hat - hat.mean(axis=1, keepdims=True) + 1.0 / train.sum()
-            operators[position].append((test, train, projection))
-            compact[position].append(_compact_projection(projection, basis.rows, test, train))
+            operators[position].append(_FoldFit(test, train, spectrum, w[j], basis.rows))
     if keep is None:
         return out
-    fits = [KeptFits(ops, dof, comp) for ops, comp in zip(operators, compact)]
+    fits = [KeptFits(ops, dof) for ops in operators]
     return out, (fits[0] if np.ndim(keep) == 0 else fits)
+
+
+class _FoldFit:
+    r"""One fold of a kept fit: :math:`e_{test} = v_{test} - P\,v_{train}` for any column
+    :math:`v`, with the fold's fit of centred responses and the centring folded into the
+    (n_test, n_train) matrix :math:`P`. Both :attr:`projection` and its form on distinct
+    rows, :attr:`compact`, are built on first use: the wild refits need only the second.
+    """
+
+    def __init__(self, test: np.ndarray, train: np.ndarray, spectrum, weights: np.ndarray,
+                 rows: np.ndarray | None):
+        self.test, self.train = test, train
+        self._spectrum, self._weights, self._rows = spectrum, weights, rows
+
+    def _hat(self, test_rows=slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """The fit of centred training responses for these test rows, over the spectrum's own
+        training columns (distinct rows when pooled), and the matrix that spreads them over
+        the training rows (None: one per row)."""
+        spectrum = self._spectrum
+        if spectrum.d is None:
+            count = np.arange(int(self.test.sum()))[test_rows].size
+            return np.zeros((count, int(self.train.sum()))), None
+        weighted = spectrum.test_v[test_rows] * self._weights
+        fit = (weighted if spectrum.right is None else weighted @ spectrum.right.T) @ spectrum.left.T
+        return fit, spectrum.pool
+
+    @functools.cached_property
+    def projection(self) -> np.ndarray:
+        fit, pool = self._hat()
+        hat = fit if pool is None else np.asarray(fit @ pool)
+        return hat - hat.mean(axis=1, keepdims=True) + 1.0 / self.train.sum()
+
+    @functools.cached_property
+    def compact(self):
+        r"""``(P_u, E^T, test_codes)`` with :math:`P = F P_u E^\top` when rows repeat, else None.
+
+        Rows with the same controls have the same basis row, so :math:`P_{ij}`
+        depends only on the distinct test row of :math:`i` and the distinct
+        training row of :math:`j`: :math:`P v = F\,(P_u\,(E^\top v))`, with
+        indicators :math:`E, F`, costs a sum per configuration and an
+        :math:`m_{test} \times m_{train}` product instead of the full one.
+        """
+        rows, test, train = self._rows, self.test, self.train
+        distinct_train = _distinct_rows(None if rows is None else rows[train], most=0.5)
+        if distinct_train is None:
+            return None
+        first_train, train_codes, _ = distinct_train
+        first_test, test_codes, _ = _distinct_rows(rows[test], most=1.0)
+        fit, pool = self._hat(first_test)
+        if pool is None:
+            mean, small = fit.mean(axis=1, keepdims=True), fit[:, first_train]
+        else:
+            mean = np.asarray(fit @ pool.sum(axis=1)) / train.sum()
+            small = np.asarray(fit @ pool[:, first_train].toarray())
+        sums = sparse.csr_matrix((np.ones(len(train_codes)), (train_codes, np.flatnonzero(train))),
+                                 shape=(len(first_train), len(train)))    # E^T over all n rows
+        return small - mean + 1.0 / train.sum(), sums, test_codes
 
 
 def _ridge_predictions(spectrum, centred: np.ndarray, penalties) -> np.ndarray:
@@ -837,26 +886,6 @@ def twin_columns(fit: np.ndarray, residuals: np.ndarray, twins: int,
     return fit[:, None] + residuals[order].T
 
 
-def _compact_projection(projection: np.ndarray, rows: np.ndarray | None, test: np.ndarray,
-                        train: np.ndarray):
-    r"""``(P_u, E^T, test_codes)`` with :math:`P = F P_u E^\top` when rows repeat, else None.
-
-    Rows with the same controls have the same basis row, so :math:`P_{ij}`
-    depends only on the distinct test row of :math:`i` and the distinct
-    training row of :math:`j`: :math:`P v = F\,(P_u\,(E^\top v))`, with
-    indicators :math:`E, F`, costs a sum per configuration and an
-    :math:`m_{test} \times m_{train}` product instead of the full one.
-    """
-    distinct_train = _distinct_rows(None if rows is None else rows[train], most=0.5)
-    if distinct_train is None:
-        return None
-    first_train, train_codes, _ = distinct_train
-    first_test, test_codes, _ = _distinct_rows(rows[test], most=1.0)
-    sums = sparse.csr_matrix((np.ones(len(train_codes)), (train_codes, np.flatnonzero(train))),
-                             shape=(len(first_train), len(train)))    # E^T over all n rows
-    return projection[np.ix_(first_test, first_train)], sums, test_codes
-
-
 @dataclass(frozen=True)
 class KeptFits:
     """The target's per-fold fits (for :func:`refit_residuals`) and every response's fitted df.
@@ -871,10 +900,34 @@ class KeptFits:
     (5, (2,))
     """
 
-    folds: list
+    folds: list               # one _FoldFit per fold
     dof: np.ndarray           # (R,) effective degrees of freedom of each response's fit, fold mean
-    #: per fold, the projection on distinct rows (:func:`_compact_projection`) or None
-    compact: list = field(default_factory=list)
+
+    @property
+    def compact(self) -> list:
+        """Per fold, the projection on distinct rows (:attr:`_FoldFit.compact`) or None."""
+        return [fold.compact for fold in self.folds]
+
+    def fit_cells(self, n: int) -> np.ndarray:
+        """(n,) codes, equal where two rows get the same refit of any column: the same fold and,
+        where the fold was compacted, the same distinct row of the basis.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> b = np.repeat(np.linspace(0, 1, 20), 3)          # 20 configurations, 3 seeds each
+        >>> folds = fold_ids(60, 5, seed=0, clusters=np.repeat(np.arange(20), 3))
+        >>> _, kept = crossfit_residuals(control_basis(b[:, None]), (b**2)[:, None], folds, keep=0)
+        >>> len(np.unique(kept.fit_cells(60)))
+        20
+        """
+        cells = np.arange(n)
+        start = 0
+        for fold in self.folds:
+            rows, small = np.flatnonzero(fold.test), fold.compact
+            cells[rows] = start + (np.arange(len(rows)) if small is None else small[2])
+            start += len(rows)
+        return cells
 
 
 def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
@@ -894,10 +947,10 @@ def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
     True
     """
     out = np.empty_like(columns)
-    compact = operators.compact or [None] * len(operators.folds)
-    for (test, train, projection), small in zip(operators.folds, compact):
+    for fold in operators.folds:
+        test, small = fold.test, fold.compact
         if small is None:
-            out[test] = columns[test] - projection @ columns[train]
+            out[test] = columns[test] - fold.projection @ columns[fold.train]
         else:
             p_u, sums, test_codes = small
             out[test] = columns[test] - (p_u @ (sums @ columns))[test_codes]
@@ -996,14 +1049,73 @@ def wild_gcm_p(e_m: np.ndarray, e_y: np.ndarray, operators, draws: int,
     """
     e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
     codes = np.arange(len(e_y)) if clusters is None else pd.factorize(clusters)[0]
-    flips = rng.choice([-1.0, 1.0], size=(codes.max() + 1, draws))[codes]
-    star = refit_residuals(operators, e_y[:, None] * flips)
+    signs = rng.choice([-1.0, 1.0], size=(codes.max() + 1, draws))
+    flipped = e_y[:, None] * signs[codes]
+    star = refit_residuals(operators, flipped)
     observed = np.abs(_studentised(e_m, e_y[:, None], clusters)[:, 0])
+    cells = None
+    if clusters is not None and min(e_m.shape[1], draws) > _FEW_COLUMNS:
+        cells = _ClusterCells.of(codes, operators.fit_cells(len(e_y)), e_m, e_y)
     exceed = np.zeros(e_m.shape[1])
     for start in range(0, draws, 256):
-        null = np.abs(_studentised(e_m, star[:, start:start + 256], clusters))
+        part = slice(start, start + 256)
+        null = np.abs(_studentised(e_m, star[:, part], clusters) if cells is None
+                      else cells.statistics(signs[:, part], (flipped - star)[cells.first, part]))
         exceed += (null >= observed[:, None] - 1e-12).sum(axis=1)
     return (1.0 + exceed) / (draws + 1.0)
+
+
+@dataclass(frozen=True)
+class _ClusterCells:
+    r"""The wild refits' clustered GCM statistics from sums per cell instead of per row pair.
+
+    A refit is :math:`e^*_i = \eta_{g(i)} e_{Y,i} - F_{c(i)}`: the cluster's
+    sign times the target's residual, minus a fit :math:`F` that is the same
+    for every row of a *cell* :math:`c` (one cluster's rows with one distinct
+    basis row in one fold; :meth:`KeptFits.fit_cells`). With :math:`a_g =
+    \sum_{i \in g} e_{M,i} e_{Y,i}` and :math:`b_c = \sum_{i \in c} e_{M,i}`,
+
+    .. math:: S_g = \eta_g a_g - \sum_{c \in g} b_c F_c, \qquad
+              \sum_g S_g^2 = \sum_g a_g^2 - 2 \sum_c (a_{g(c)} b_c)(\eta_{g(c)} F_c)
+                 + \sum_g \Big(\sum_{c \in g} b_c F_c\Big)^2,
+
+    every term a matrix product over cells (or pairs of cells in a cluster):
+    a grid's configuration is one cell, so the 680 rows of
+    ``bench/bench_crossfit.py`` become 136 cells and 2,040 row pairs 136.
+    """
+
+    clusters: np.ndarray      # (C,) cluster code of each cell
+    first: np.ndarray         # (C,) a row of each cell
+    a: np.ndarray             # (G, K)
+    b: np.ndarray             # (C, K)
+    sizes: np.ndarray         # (G,) rows per cluster
+    pairs: tuple | None       # cell pairs within a cluster, None when every cluster is one cell
+
+    @classmethod
+    def of(cls, codes: np.ndarray, fit_cells: np.ndarray, e_m: np.ndarray, e_y: np.ndarray):
+        _, first, inverse = np.unique(np.column_stack([codes, fit_cells]), axis=0,
+                                      return_index=True, return_inverse=True)
+        inverse = inverse.ravel()
+        clusters = codes[first]
+        pairs = None if len(first) == codes.max() + 1 else _cluster_pairs(clusters)
+        return cls(clusters, first, _sum_by(e_m * e_y[:, None], codes), _sum_by(e_m, inverse),
+                   np.bincount(codes).astype(float), pairs)
+
+    def statistics(self, signs: np.ndarray, fits: np.ndarray) -> np.ndarray:
+        """Studentised statistics (K, B) for cluster signs (G, B) and cell fits (C, B)."""
+        n = self.sizes.sum()
+        a, b, own = self.a, self.b, self.clusters
+        sums = a.T @ signs - b.T @ fits
+        cross = (self.sizes[:, None] * a).T @ signs - (self.sizes[own][:, None] * b).T @ fits
+        square = (a**2).sum(axis=0)[:, None] - 2 * (a[own] * b).T @ (signs[own] * fits)
+        if self.pairs is None:
+            square += (b**2).T @ (fits**2)
+        else:
+            first, second = self.pairs
+            weight = np.where(first == second, 1.0, 2.0)[:, None]
+            square += (b[first] * b[second] * weight).T @ (fits[first] * fits[second])
+        variance = square - 2 * cross * sums / n + sums**2 * (self.sizes**2).sum() / n**2
+        return sums / np.sqrt(np.maximum(variance, 1e-300))
 
 
 def adjoint_residuals(operators, columns: np.ndarray) -> np.ndarray:
@@ -1020,8 +1132,8 @@ def adjoint_residuals(operators, columns: np.ndarray) -> np.ndarray:
     True
     """
     out = np.array(columns, dtype=float, copy=True)
-    for test, train, projection in operators.folds:
-        out[train] -= projection.T @ columns[test]
+    for fold in operators.folds:
+        out[fold.train] -= fold.projection.T @ columns[fold.test]
     return out
 
 
@@ -1050,8 +1162,9 @@ def wild_scale(e_m: np.ndarray, e_y: np.ndarray, operators,
     codes = np.arange(n) if clusters is None else pd.factorize(clusters)[0]
     var_star = (_sum_by(adjoint_residuals(operators, e_m) * e_y[:, None], codes) ** 2).sum(axis=0)
     expected_v = (_sum_by(e_m * e_y[:, None], codes) ** 2).sum(axis=0)
-    for test, train, projection in operators.folds:
-        weighted = projection * e_y[train]                        # (n_test, n_train)
+    for fold in operators.folds:
+        test, train = fold.test, fold.train
+        weighted = fold.projection * e_y[train]                        # (n_test, n_train)
         if clusters is None:                                      # Q = P diag(e_Y): a row's own sum
             expected_v += (e_m[test] ** 2).T @ (weighted**2).sum(axis=1)
             continue

@@ -275,8 +275,8 @@ def test_fits_on_distinct_rows_equal_the_fits_on_all_rows(wide):
     fast, kept_fast = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
     slow, kept_slow = crossfit.crossfit_residuals(plain, responses, folds, keep=0)
     assert np.allclose(fast, slow, atol=1e-10)
-    for (_, _, p_fast), (_, _, p_slow) in zip(kept_fast.folds, kept_slow.folds):
-        assert np.allclose(p_fast, p_slow, atol=1e-10)
+    for fast_fold, slow_fold in zip(kept_fast.folds, kept_slow.folds):
+        assert np.allclose(fast_fold.projection, slow_fold.projection, atol=1e-10)
     columns = rng.normal(size=(n, 7))
     assert kept_fast.compact[0] is not None and kept_slow.compact == [None] * 5
     assert np.allclose(crossfit.refit_residuals(kept_fast, columns),
@@ -381,3 +381,28 @@ def test_kept_fits_for_a_list_equal_the_fits_kept_one_at_a_time():
         assert np.allclose(residuals, alone_residuals)
         assert np.allclose(crossfit.refit_residuals(both[column], new_columns),
                            crossfit.refit_residuals(alone, new_columns))
+
+
+@pytest.mark.parametrize("layout", ["config", "two-configs", "no-repeats"])
+def test_cluster_cells_give_the_per_row_studentised_wild_statistics(layout):
+    """The wild refits' statistics from sums per cell equal the per-row-pair products."""
+    rng = np.random.default_rng(3)
+    configs, seeds = 40, 4
+    controls = np.repeat(rng.uniform(size=(configs, 2)), seeds, axis=0)
+    if layout == "no-repeats":
+        controls = controls + rng.normal(0, 1e-3, controls.shape)
+    n = len(controls)
+    config = np.repeat(np.arange(configs), seeds)
+    clusters = config // 2 if layout == "two-configs" else config
+    basis = crossfit.control_basis(numeric=controls)
+    folds = crossfit.fold_ids(n, 5, seed=0, clusters=clusters)
+    columns = np.column_stack([controls.sum(axis=1) + rng.normal(0, .3, n), rng.normal(size=(n, 20))])
+    e, kept = crossfit.crossfit_residuals(basis, columns, folds, keep=0)
+    codes = pd.factorize(clusters)[0]
+    signs = rng.choice([-1.0, 1.0], size=(codes.max() + 1, 30))
+    flipped = e[:, :1] * signs[codes]
+    star = crossfit.refit_residuals(kept, flipped)
+    cells = crossfit._ClusterCells.of(codes, kept.fit_cells(n), e[:, 1:], e[:, 0])
+    assert len(cells.first) == {"config": 40, "two-configs": 40, "no-repeats": n}[layout]
+    assert np.allclose(cells.statistics(signs, (flipped - star)[cells.first]),
+                       crossfit._studentised(e[:, 1:], star, clusters), atol=1e-10)
