@@ -50,6 +50,10 @@ def test_no_claim_when_the_placebos_fail() -> None:
     weak = checks.assign(landed=False, **{"class": "weak-or-mixed"})
     ok = {"placebo_rate": 0.05, "proxy_placebo_rate": 0.04, "trustworthy": True}
     assert "lacks the power" in grid.trust_sentence(weak, ok, 0.05)
+    twins = {**ok, "twin_placebo_rate": 1.0, "twins_flagged": True}
+    assert "did not beat them" in grid.trust_sentence(weak.assign(**{"class": "inconclusive"}), twins, 0.05)
+    assert "100 % of the time" in grid.trust_sentence(weak, twins, 0.05)
+    assert "  " not in grid.trust_sentence(weak, twins, 0.05)
     assert grid.trust_sentence(checks, ok, 0.05).endswith("can be trusted")
 
 

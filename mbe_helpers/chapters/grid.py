@@ -622,11 +622,14 @@ def calibration_values(audits: Mapping[str, AuditResult], name: str = "both") ->
     """
     if name not in audits:
         return {"placebo_rate": float("nan"), "proxy_placebo_rate": float("nan"),
-                "twin_placebo_rate": float("nan"), "trustworthy": False}
+                "twin_placebo_rate": float("nan"), "twins_flagged": False, "trustworthy": False}
     result = audits[name]
+    table = result.calibration
+    twins = table[table.kind == "twin"] if table is not None and len(table) else pd.DataFrame()
     return {"placebo_rate": _placebo_rate(result, "noise"),
             "proxy_placebo_rate": _placebo_rate(result, "proxy"),
             "twin_placebo_rate": _placebo_rate(result, "twin"),
+            "twins_flagged": bool(len(twins) and (twins.lo > twins.alpha).any()),
             "trustworthy": bool(result.trustworthy)}
 
 
@@ -704,7 +707,8 @@ def beyond_sentence(summary: pd.DataFrame, trustworthy: bool, alpha: float,
     chosen = summary[summary.class_both.isin(["survives", "hidden-after-control"])
                      & (summary.q_both < alpha) & ~summary.metric.isin(list(exclude))].metric.tolist()
     if not chosen:
-        return "no metric carries information beyond both the baseline and the design"
+        return ("no metric is shown to carry information beyond both the baseline and the design "
+                "(no class claims it with FDR q below alpha)")
     verb = "carries" if len(chosen) == 1 else "carry"
     return f"{', '.join(chosen)} {verb} information beyond both the baseline and the design"
 
@@ -729,6 +733,14 @@ def trust_sentence(checks: pd.DataFrame, calibration: Mapping[str, Any], alpha: 
                 "adjustment is not trustworthy on this grid and no class below is claimed")
     if len(missed):
         r = missed.iloc[0]
+        if calibration.get("twins_flagged") and r.control == "positive":
+            twin_rate = f"{calibration['twin_placebo_rate']:.0%}".replace("%", " %")
+            return (f"{rates}, within their Wilson intervals, but the twin placebos (copies of "
+                    f"the target's own dependence on the controls) were called associated "
+                    f"{twin_rate} of the time, and the positive control ({r.metric}) did not "
+                    f"beat them, so it came out {r['class']}: on this grid the audit cannot tell "
+                    "information beyond the controls from the controls' own shape, and a null "
+                    "result is not evidence")
         return (f"{rates}, within their Wilson intervals, but the {r.control} control "
                 f"({r.metric}) came out {r['class']}, so this audit lacks the power to trust a "
                 "null result")
