@@ -720,7 +720,7 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     ranked = column_ranks(responses) / len(responses)
     out = np.empty_like(ranked)
     kept = [] if keep is None else [keep] if np.ndim(keep) == 0 else list(keep)
-    operators, compact = [[] for _ in kept], [[] for _ in kept]
+    operators = [[] for _ in kept]
     dof = np.zeros(ranked.shape[1])
     has_steps = anchor is not None and basis.ranks is not None and basis.ranks.shape[1] > 0
     for fold in np.unique(folds):
@@ -1056,11 +1056,12 @@ def wild_gcm_p(e_m: np.ndarray, e_y: np.ndarray, operators, draws: int,
     cells = None
     if clusters is not None and min(e_m.shape[1], draws) > _FEW_COLUMNS:
         cells = _ClusterCells.of(codes, operators.fit_cells(len(e_y)), e_m, e_y)
+        cell_fits = flipped[cells.first] - star[cells.first]          # (C, draws): F per cell
     exceed = np.zeros(e_m.shape[1])
     for start in range(0, draws, 256):
         part = slice(start, start + 256)
         null = np.abs(_studentised(e_m, star[:, part], clusters) if cells is None
-                      else cells.statistics(signs[:, part], (flipped - star)[cells.first, part]))
+                      else cells.statistics(signs[:, part], cell_fits[:, part]))
         exceed += (null >= observed[:, None] - 1e-12).sum(axis=1)
     return (1.0 + exceed) / (draws + 1.0)
 

@@ -451,9 +451,13 @@ def replication_audits(frame: pd.DataFrame, metric: str, target: str, *, baselin
             "baseline": audit(frame, [metric], target, [baseline], **kwargs)}
 
 
-def _placebo_rate(result: AuditResult, kind: str) -> float:
+def _placebo_rows(result: AuditResult, kind: str) -> pd.DataFrame:
     table = result.calibration
-    rows = table[table.kind == kind] if table is not None and len(table) else pd.DataFrame()
+    return table[table.kind == kind] if table is not None and len(table) else pd.DataFrame()
+
+
+def _placebo_rate(result: AuditResult, kind: str) -> float:
+    rows = _placebo_rows(result, kind)
     return float(rows.rate.iloc[0]) if len(rows) else float("nan")
 
 
@@ -624,8 +628,7 @@ def calibration_values(audits: Mapping[str, AuditResult], name: str = "both") ->
         return {"placebo_rate": float("nan"), "proxy_placebo_rate": float("nan"),
                 "twin_placebo_rate": float("nan"), "twins_flagged": False, "trustworthy": False}
     result = audits[name]
-    table = result.calibration
-    twins = table[table.kind == "twin"] if table is not None and len(table) else pd.DataFrame()
+    twins = _placebo_rows(result, "twin")
     return {"placebo_rate": _placebo_rate(result, "noise"),
             "proxy_placebo_rate": _placebo_rate(result, "proxy"),
             "twin_placebo_rate": _placebo_rate(result, "twin"),
