@@ -930,6 +930,52 @@ class KeptFits:
         return cells
 
 
+    def cell_fit_weights(self, first: np.ndarray, codes: np.ndarray, e_y: np.ndarray) -> np.ndarray:
+        r"""(C, G) weights :math:`W` with the wild refit's fits of the cells, :math:`F = W\eta`.
+
+        A wild draw refits :math:`v = e_Y \circ \eta_{g}` (signs :math:`\eta`, (G,), per
+        cluster ``codes``); the fit at row :math:`i` of a fold is :math:`(P v)_i =
+        \sum_g \big(\sum_{j \in g} P_{ij} e_{Y,j}\big) \eta_g`, so the row ``first[c]``
+        of every cell gives one row of :math:`W` and all draws cost one (C, G) product
+        instead of a refit of every row (:func:`refit_residuals`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> b = np.repeat(rng.uniform(size=20), 3)
+        >>> codes = np.repeat(np.arange(20), 3)
+        >>> e, kept = crossfit_residuals(control_basis(b[:, None]), rng.normal(size=(60, 1)),
+        ...                              fold_ids(60, 5, seed=0, clusters=codes), keep=0)
+        >>> signs = rng.choice([-1.0, 1.0], size=(20, 4))
+        >>> flipped = e[:, :1] * signs[codes]
+        >>> w = kept.cell_fit_weights(np.arange(60), codes, e[:, 0])
+        >>> bool(np.allclose(w @ signs, flipped - refit_residuals(kept, flipped)))
+        True
+        """
+        groups = int(codes.max()) + 1
+        weights = np.zeros((len(first), groups))
+        for fold in self.folds:
+            rows = np.flatnonzero(fold.test)
+            mine = np.flatnonzero(fold.test[first])                 # the cells of this fold
+            if not len(mine):
+                continue
+            local = np.searchsorted(rows, first[mine])               # their rows among the test rows
+            small = fold.compact
+            if small is None:                                        # P over every training row
+                train = np.flatnonzero(fold.train)
+                unit, columns = np.arange(len(train)), fold.projection[local]
+            else:                                                    # P = F P_u E^T
+                p_u, sums, test_codes = small
+                train = sums.indices
+                unit = np.repeat(np.arange(sums.shape[0]), np.diff(sums.indptr))
+                columns = p_u[test_codes[local]]
+            by_cluster = np.bincount(unit * groups + codes[train], weights=e_y[train],
+                                     minlength=columns.shape[1] * groups)
+            weights[mine] = columns @ by_cluster.reshape(columns.shape[1], groups)
+        return weights
+
+
 def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
     """Residualise new columns (n, B) with the fits kept by ``crossfit_residuals(keep=j)``.
 
@@ -1050,18 +1096,17 @@ def wild_gcm_p(e_m: np.ndarray, e_y: np.ndarray, operators, draws: int,
     e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
     codes = np.arange(len(e_y)) if clusters is None else pd.factorize(clusters)[0]
     signs = rng.choice([-1.0, 1.0], size=(codes.max() + 1, draws))
-    flipped = e_y[:, None] * signs[codes]
-    star = refit_residuals(operators, flipped)
     observed = np.abs(_studentised(e_m, e_y[:, None], clusters)[:, 0])
-    cells = None
-    if clusters is not None and min(e_m.shape[1], draws) > _FEW_COLUMNS:
+    if clusters is None:
+        star = refit_residuals(operators, e_y[:, None] * signs[codes])
+    else:                                 # per cell: F = W signs (KeptFits.cell_fit_weights)
         cells = _ClusterCells.of(codes, operators.fit_cells(len(e_y)), e_m, e_y)
-        cell_fits = flipped[cells.first] - star[cells.first]          # (C, draws): F per cell
+        weights = operators.cell_fit_weights(cells.first, codes, e_y)
     exceed = np.zeros(e_m.shape[1])
     for start in range(0, draws, 256):
         part = slice(start, start + 256)
-        null = np.abs(_studentised(e_m, star[:, part], clusters) if cells is None
-                      else cells.statistics(signs[:, part], cell_fits[:, part]))
+        null = np.abs(_studentised(e_m, star[:, part], None) if clusters is None
+                      else cells.statistics(signs[:, part], weights @ signs[:, part]))
         exceed += (null >= observed[:, None] - 1e-12).sum(axis=1)
     return (1.0 + exceed) / (draws + 1.0)
 
@@ -1094,9 +1139,8 @@ class _ClusterCells:
 
     @classmethod
     def of(cls, codes: np.ndarray, fit_cells: np.ndarray, e_m: np.ndarray, e_y: np.ndarray):
-        _, first, inverse = np.unique(np.column_stack([codes, fit_cells]), axis=0,
-                                      return_index=True, return_inverse=True)
-        inverse = inverse.ravel()
+        key = codes.astype(np.int64) * (int(fit_cells.max()) + 1) + fit_cells  # (cluster, cell) order
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         clusters = codes[first]
         pairs = None if len(first) == codes.max() + 1 else _cluster_pairs(clusters)
         return cls(clusters, first, _sum_by(e_m * e_y[:, None], codes), _sum_by(e_m, inverse),
