@@ -334,6 +334,9 @@ class ControlBasis:
     spectra: dict = field(default_factory=dict, repr=False, compare=False)
     #: per (training rows, target digest): the fold's step columns (see :func:`_step_columns`)
     steps: dict = field(default_factory=dict, repr=False, compare=False)
+    #: per (training rows, spectrum, weights): a kept fold fit, so that the target's fits (and
+    #: their lazily built projections) are shared by every metric audited on this basis
+    fits: dict = field(default_factory=dict, repr=False, compare=False)
     #: per interaction scale: the basis at that scale (see :meth:`scaled`)
     _scaled: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -747,7 +750,10 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         out[test] = ranked[test] - best_pred
         dof += best_dof / len(np.unique(folds))
         for position, (j, (_, w, spectrum, _)) in enumerate(zip(kept, best_ops)):
-            operators[position].append(_FoldFit(test, train, spectrum, w[j], basis.rows))
+            key = (train.tobytes(), id(spectrum), w[j].tobytes())
+            if key not in basis.fits:
+                basis.fits[key] = _FoldFit(test, train, spectrum, w[j], basis.rows)
+            operators[position].append(basis.fits[key])
     if keep is None:
         return out
     fits = [KeptFits(ops, dof) for ops in operators]
@@ -1215,10 +1221,10 @@ def wild_scale(e_m: np.ndarray, e_y: np.ndarray, operators,
             continue
         train_codes = pd.factorize(codes[train])[0]
         q = _sum_by(weighted.T, train_codes).T                    # (n_test, training clusters)
-        test_codes, e_test = codes[test], e_m[test]
-        for g in np.unique(test_codes):
-            rows = test_codes == g
-            expected_v += ((e_test[rows].T @ q[rows]) ** 2).sum(axis=1)
+        by_test_cluster = _indicator(pd.factorize(codes[test])[0])
+        e_test = e_m[test]
+        for k in range(e_m.shape[1]):                             # Q_g^T e_M,g for every g at once
+            expected_v[k] += (np.asarray(by_test_cluster @ (e_test[:, k, None] * q)) ** 2).sum()
     return var_star / np.maximum(expected_v, 1e-300)
 
 
