@@ -418,6 +418,10 @@ def _as_frame(data) -> pd.DataFrame:
         if scalars:
             raise MBEInputError(f"column {scalars[0]!r} is a single value, not a column; give one "
                                 "value per run (a list or array) for every column")
+        wide = [name for name, col in data.items() if np.ndim(col) > 1]
+        if wide:
+            raise MBEInputError(f"column {wide[0]!r} has shape {np.shape(data[wide[0]])}, not one value "
+                                "per run; give a 1-D list or array per column (one column per metric)")
         lengths = {name: len(np.atleast_1d(np.asarray(col, dtype=object))) for name, col in data.items()}
         if len(set(lengths.values())) > 1:
             detail = ", ".join(f"{k!r} has {v}" for k, v in lengths.items())
@@ -439,6 +443,16 @@ def _names(value, what: str) -> list[str]:
         if not isinstance(name, str):
             raise MBEInputError(f"{what} must be column names (strings), got {name!r}")
     return names
+
+
+def _check_one_name(value, what: str) -> None:
+    """``groupby``, ``cluster`` and ``blocks`` each name one column (or are None)."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise MBEInputError(f"{what} must be one column name (a string), got {value!r}")
+    if not value:
+        raise MBEInputError(f"{what}='' names no column; pass a column name or leave {what} out")
 
 
 def _check_request(df: pd.DataFrame, metrics: list[str], target: str, controls: list[str],
@@ -463,17 +477,34 @@ def _check_request(df: pd.DataFrame, metrics: list[str], target: str, controls: 
                             "the target removes everything, so drop it from the controls")
     if len(df) == 0:
         raise MBEInputError("the table has no rows (only a header); give one row per trained run")
-    for name in [*metrics, target]:
-        if pd.api.types.is_complex_dtype(df[name]):
-            raise MBEInputError(f"column {name!r} holds complex numbers; audit its real part or its "
-                                "magnitude (np.abs) instead")
-        if not (pd.api.types.is_numeric_dtype(df[name]) and not pd.api.types.is_bool_dtype(df[name])):
-            raise MBEInputError(f"column {name!r} must be numeric (it has dtype {df[name].dtype})")
+    _require_numeric(df[target], target)
+    for name in [*controls, *([groupby] if groupby else []), *([cluster] if cluster else [])]:
+        _require_labels(df[name], name)
     if groupby:
         levels = df[groupby].nunique(dropna=True)
         if levels > max(20, len(df) // 2):
             raise MBEInputError(f"groupby {groupby!r} has {levels} levels for {len(df)} rows, so most "
                                 "groups hold one run; group by a categorical column or bin it first")
+
+
+def _require_numeric(series: pd.Series, name: str) -> None:
+    """Refuse a metric or target column that is not real numbers, in one sentence."""
+    if pd.api.types.is_complex_dtype(series):
+        raise MBEInputError(f"column {name!r} holds complex numbers; audit its real part or its "
+                            "magnitude (np.abs) instead")
+    if not _is_numeric(series):
+        raise MBEInputError(f"column {name!r} must be numeric (it has dtype {series.dtype})")
+
+
+def _require_labels(series: pd.Series, name: str) -> None:
+    """Refuse a control, cluster or group column whose cells are lists, arrays or dicts."""
+    if series.dtype != object:
+        return
+    bad = next((v for v in series if isinstance(v, (list, set, dict, np.ndarray))), None)
+    if bad is not None:
+        raise MBEInputError(f"column {name!r} holds {type(bad).__name__} values (e.g. "
+                            f"{str(bad)[:40]}), not one number or label per run; convert it first, "
+                            f"e.g. df[{name!r}].astype(str) or one column per element")
 
 
 def _is_numeric(series: pd.Series) -> bool:
@@ -523,7 +554,7 @@ def _constant_columns(frame: pd.DataFrame, columns: list[str]) -> list[str]:
     """The columns with at most one distinct non-missing value (``nunique() <= 1``, 10x faster)."""
     def constant(column: str) -> bool:
         values = frame[column]
-        if values.dtype.kind in "biuf":                      # plain numpy numbers: no pandas NA
+        if isinstance(values.dtype, np.dtype) and values.dtype.kind in "biuf":   # no pandas NA
             values = values.to_numpy()
             values = values[~np.isnan(values)] if values.dtype.kind == "f" else values
         else:
@@ -567,6 +598,7 @@ def partial_rank_corr(df, x: str, y: str, controls: Sequence[str] = ()) -> tuple
     df = _as_frame(df)
     controls = [c for c in _names(controls, "controls") if c not in (x, y)]
     _check_request(df, [x], y, controls, None, None)
+    _require_numeric(df[x], x)
     frame = df.loc[_complete_rows(df, [x, y, *controls])]
     _require_rows(frame, x, y, controls)
     design = _build_design(frame, x, y, controls)
@@ -578,9 +610,12 @@ def partial_rank_corr(df, x: str, y: str, controls: Sequence[str] = ()) -> tuple
 def _require_rows(frame: pd.DataFrame, metric: str, target: str, controls: list[str]) -> None:
     """Refuse, in one sentence, data on which the partial correlation is undefined."""
     needed = len(controls) + 3
+    if len(frame) == 0:
+        raise MBEInputError(f"no complete rows for {metric!r}: every row misses the metric, the "
+                            f"target or a control; fill or drop the missing values")
     if len(frame) < needed:
-        raise MBEInputError(f"only {len(frame)} complete rows for {metric!r}, but {len(controls)} "
-                            f"control(s) need at least {needed}")
+        raise MBEInputError(f"only {len(frame)} complete rows for {metric!r}; with {len(controls)} "
+                            f"control(s) the audit needs at least {needed}")
     constant = _constant_columns(frame, [metric, target, *controls])
     if constant:
         name = constant[0]
@@ -755,6 +790,7 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
     Resampling for metric number ``index`` draws from ``default_rng(seed + index)``,
     so a metric's intervals do not depend on which other metrics are audited.
     """
+    _require_numeric(frame[metric], metric)
     controls = [c for c in controls if c not in (metric, target)]
     extra = [c for c in (settings.cluster, settings.blocks) if c]
     mask = _complete_rows(frame, [metric, target, *controls, *extra])
@@ -782,9 +818,19 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
         if dropped:
             row["note"] = f"constant in this group, not controlled: {', '.join(dropped)}"
     design = _build_design(clean, metric, target, controls)
+    span = _control_rank(design)
+    if design.n - 2 - span < 1:
+        problem = (f"only {design.n} complete rows for {metric!r}, but the controls span {span} "
+                   f"columns (each category level counts), which leaves no degree of freedom; "
+                   f"drop controls or add runs")
+        if strict:
+            raise MBEInputError(problem)
+        row.update(raw_r=np.nan, raw_p=np.nan, partial_r=np.nan, partial_p=np.nan, diff=np.nan,
+                   classification="insufficient-data", note=problem)
+        return row
     raw, partial = (float(v[0]) for v in _rank_correlations(design, np.ones((1, design.n))))
     row.update(raw_r=raw, raw_p=_t_pvalue(raw, design.n - 2),
-               partial_r=partial, partial_p=_t_pvalue(partial, design.n - 2 - _control_rank(design)),
+               partial_r=partial, partial_p=_t_pvalue(partial, design.n - 2 - span),
                diff=partial - raw,
                classification=classify(raw, partial, settings.effect, settings.washout))
     rng = np.random.default_rng(settings.seed + index)
@@ -943,8 +989,10 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
     ------
     MBEInputError
         One sentence naming the problem: unknown column, target listed as a
-        metric, non-numeric metric, a constant column, too few complete rows,
-        a bad setting.
+        metric, a control holding lists, a bad setting; and a metric that is
+        not numeric, constant or has too few complete rows when it is the
+        only one (among others it gets its own ``insufficient-data`` row with
+        the reason in ``note``, and the others their numbers).
 
     Examples
     --------
@@ -961,6 +1009,8 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
     """
     df = _as_frame(df)
     metrics, controls = _names(metrics, "metrics"), _names(controls, "controls")
+    for what, value in (("groupby", groupby), ("cluster", cluster), ("blocks", blocks)):
+        _check_one_name(value, what)
     settings = _check_settings(bootstrap, permutations, effect, washout, ci, seed,
                                cluster, blocks, adjust, folds, placebos, alpha, interval)
     _check_request(df, metrics, target, controls, groupby, cluster)
@@ -1324,12 +1374,13 @@ def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settin
     k = settings.placebos
     numeric, categorical = _control_arrays(clean, controls)
     kinds = {"noise": rng.standard_normal((len(clean), k)),
-             "proxy": proxy_placebos(numeric, categorical, k, rng)}
+             "proxy": proxy_placebos(numeric, categorical, k, rng, n=len(clean))}
     clusters = clean[settings.cluster].to_numpy() if settings.cluster else None
     problem = (_crossfit_problem(len(clean), clusters, settings.folds, True)
                if settings.adjust != "rank" else "rank")
     adjust = "rank" if problem else "crossfit"
-    if len(clean) < len(controls) + 4 or clean[target].nunique() < 2:
+    if (len(clean) < len(controls) + 4 or clean[target].nunique() < 2
+            or len(clean) - 3 - _control_rank(_build_design(clean, target, target, controls)) < 1):
         return [dict(kind=kind, adjust=adjust, K=k, rejections=0, rate=np.nan, lo=np.nan,
                      hi=np.nan, alpha=settings.alpha, note="too few rows for placebos")
                 for kind in kinds]
@@ -1407,7 +1458,8 @@ def _twin_placebo_p(y, clean, controls, clusters, settings, rng) -> tuple[np.nda
     metrics), every synthetic target and every twin.
     """
     basis, folds = _basis_and_folds(clean, controls, clusters, settings)
-    fit, residuals = crossfit.cv_ridge_fit(basis, (y - y.mean()) / y.std(), folds)
+    scaled = y / np.abs(y).max()                              # no overflow near the float limit
+    fit, residuals = crossfit.cv_ridge_fit(basis, (scaled - scaled.mean()) / scaled.std(), folds)
     k = settings.placebos
     sizes = np.diff(np.linspace(0, k, -(-k // TWINS_PER_TARGET) + 1).round().astype(int))
     groups = [crossfit.twin_columns(fit, residuals, int(size), rng) for size in sizes]
@@ -1437,7 +1489,7 @@ def _rank_placebo_p(y, columns, clean, target, controls) -> np.ndarray:
 
 
 def proxy_placebos(numeric: np.ndarray | None, categorical: np.ndarray | None, k: int,
-                   rng: np.random.Generator) -> np.ndarray:
+                   rng: np.random.Generator, n: int | None = None) -> np.ndarray:
     r"""``k`` random smooth nonlinear functions of the controls plus independent noise.
 
     Each column draws up to three numeric controls (ranks :math:`u`) with
@@ -1455,7 +1507,8 @@ def proxy_placebos(numeric: np.ndarray | None, categorical: np.ndarray | None, k
     >>> proxy_placebos(np.arange(50.0)[:, None], None, 3, np.random.default_rng(0)).shape
     (50, 3)
     """
-    n = len(numeric) if numeric is not None else len(categorical) if categorical is not None else 0
+    if n is None:
+        n = len(numeric) if numeric is not None else len(categorical) if categorical is not None else 0
     u = crossfit.column_ranks(numeric) / n if numeric is not None else np.empty((n, 0))
     codes = [pd.factorize(c)[0] for c in categorical.T] if categorical is not None else []
     # the functions are evaluated once per distinct row of the controls (a grid repeats them)

@@ -647,8 +647,10 @@ def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, sca
             basis.spectra[key] = _Spectrum(mean_x, None, None, None, None)
         else:
             rows = None if basis.rows is None else basis.rows[train]
-            basis.spectra[key] = _Spectrum(mean_x, *_distinct_spectrum(x[train], mean_x, x[test],
-                                                                       rows))
+            spectrum = _Spectrum(mean_x, *_distinct_spectrum(x[train], mean_x, x[test], rows))
+            if not spectrum.d.size:                      # the basis is constant on these rows
+                spectrum = _Spectrum(mean_x, None, None, None, None)
+            basis.spectra[key] = spectrum
     return basis.spectra[key]
 
 
@@ -682,7 +684,8 @@ def _ridge_gcv_predict(spectrum, mean_y: np.ndarray, yc: np.ndarray, total: np.n
 
 
 def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.ndarray,
-                       keep: int | list[int] | None = None, anchor: int | None = 0):
+                       keep: int | list[int] | None = None, anchor: int | None = 0,
+                       link: str = "identity"):
     r"""Out-of-fold residuals of the ranked responses given the controls.
 
     Each column of ``responses`` is ranked and scaled to (0, 1]; on every
@@ -720,9 +723,14 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     True
     """
     responses = np.asarray(responses, dtype=float)
-    ranked = column_ranks(responses) / len(responses)
+    n = len(responses)
+    ranked = column_ranks(responses) / n
     out = np.empty_like(ranked)
     kept = [] if keep is None else [keep] if np.ndim(keep) == 0 else list(keep)
+    probit = np.full(ranked.shape[1], link == "probit")
+    probit[[*kept, *([] if anchor is None else [anchor])]] = False
+    fitted = ranked.copy()                               # what the ridge fits: ranks or z-scores
+    fitted[:, probit] = stats.norm.ppf(ranked[:, probit] * n / (n + 1))
     operators = [[] for _ in kept]
     dof = np.zeros(ranked.shape[1])
     has_steps = anchor is not None and basis.ranks is not None and basis.ranks.shape[1] > 0
@@ -730,7 +738,7 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         test, train = folds == fold, folds != fold
         steps = _step_columns(basis, train, ranked[:, anchor]) if has_steps else None
         best_pred, best_score, best_ops, best_dof = None, None, None, None
-        values = ranked[train]
+        values = fitted[train]
         mean_y = values.mean(axis=0)
         centred = values - mean_y
         total = (centred**2).sum(axis=0)
@@ -748,6 +756,10 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
                 best_dof[better] = op[3][better]
                 best_ops = [op if better[j] else old for j, old in zip(kept, best_ops)]
         out[test] = ranked[test] - best_pred
+        if probit.any():                                 # E[Phi(z) | B] = Phi(m / sqrt(1 + s^2))
+            scale = np.sqrt(1.0 + best_score[probit])
+            out[np.ix_(test, probit)] = (ranked[test][:, probit] * n / (n + 1)
+                                         - stats.norm.cdf(best_pred[:, probit] / scale))
         dof += best_dof / len(np.unique(folds))
         for position, (j, (_, w, spectrum, _)) in enumerate(zip(kept, best_ops)):
             key = (train.tobytes(), id(spectrum), w[j].tobytes())

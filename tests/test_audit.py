@@ -1,5 +1,7 @@
 """The MBE audit against independent oracles: pingouin, scipy, explicit resampling."""
 
+import warnings
+
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -244,7 +246,16 @@ def test_result_renders_everywhere():
     (lambda df: audit(df.assign(m=1.0), "m", "y", ["c1"]), r"column 'm' is constant"),
     (lambda df: audit(df.assign(c2=3), "m", "y", ["c2"]), r"column 'c2' is constant"),
     (lambda df: audit(df.head(4), "m", "y", ["c1", "c2"]), r"only 4 complete rows .* at least 5"),
-    (lambda df: audit(df.assign(m=np.nan), "m", "y"), r"only 0 complete rows"),
+    (lambda df: audit(df.assign(m=np.nan), "m", "y"), r"no complete rows for 'm'"),
+    (lambda df: audit(df, "m", "y", ["c1"], groupby=["arch"]), r"groupby must be one column name"),
+    (lambda df: audit(df, "m", "y", ["c1"], cluster=["arch"]), r"cluster must be one column name"),
+    (lambda df: audit(df, "m", "y", ["c1"], groupby=""), r"groupby='' names no column"),
+    (lambda df: audit(df.assign(layers=[[64, 64]] * len(df)), "m", "y", ["layers"]),
+     r"column 'layers' holds list values"),
+    (lambda df: audit({"m": np.ones((5, 2)), "y": np.arange(5.0)}, "m", "y"),
+     r"column 'm' has shape \(5, 2\)"),
+    (lambda df: audit(df.head(10).assign(run=[f"r{i}" for i in range(10)]), "m", "y", ["run"],
+                      adjust="rank"), r"controls span 9 columns .* no degree of freedom"),
     (lambda df: audit(df, "arch", "y"), r"column 'arch' must be numeric"),
     (lambda df: audit(df.to_numpy(), "m", "y"), r"expected a pandas DataFrame"),
     (lambda df: audit({"m": [1, 2, 3], "y": [1, 2]}, "m", "y"), r"different lengths"),
@@ -257,3 +268,30 @@ def test_bad_input_gets_one_sentence(call, message):
     with pytest.raises(MBEInputError, match=message) as info:
         call(ledger(n=40))
     assert "\n" not in str(info.value)
+
+
+def test_a_non_numeric_metric_gets_its_own_row_and_the_others_their_numbers():
+    df = ledger(n=60).assign(word="a", flag=True)
+    table = audit(df, ["m", "word", "flag"], "y", ["c1"]).table.set_index("metric")
+    assert np.isfinite(table.loc["m", "partial_r"])
+    for bad in ("word", "flag"):
+        assert table.loc[bad, "classification"] == "insufficient-data"
+        assert f"column {bad!r} must be numeric" in table.loc[bad, "note"]
+
+
+def test_awkward_controls_and_placebos_give_numbers_without_numpy_warnings():
+    rng = np.random.default_rng(0)
+    df = ledger(n=60)
+    df["flag"] = pd.array([True, None, False] * 20, dtype="boolean")    # a nullable control with NA
+    df.loc[df.index % 3 == 2, "m"] = np.nan
+    df["m2"] = rng.normal(size=60)
+    b = np.ones(60)
+    b[0] = 2.0                                          # constant in every fold but one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        table = audit(df, ["m", "m2"], "y", ["flag"]).table
+        assert table.partial_r.notna().all()
+        no_controls = audit(df, "m2", "y", placebos=20)        # placebos without any control
+        assert set(no_controls.calibration.kind) >= {"noise", "proxy"}
+        audit(pd.DataFrame({"b": b, "m": rng.normal(size=60), "y": rng.normal(size=60)}),
+              "m", "y", ["b"], adjust="crossfit", folds=2)

@@ -194,7 +194,7 @@ def test_one_bad_metric_gets_its_own_nan_row():
     table = audit(runs, ["metric", "empty"], "target", "b", adjust="rank").table.set_index("metric")
     assert table.loc["metric", "classification"] == "survives"
     assert table.loc["empty", "classification"] == "insufficient-data"
-    assert "only 0 complete rows" in table.loc["empty", "note"]
+    assert "no complete rows for 'empty'" in table.loc["empty", "note"]
 
 
 def test_control_constant_in_one_metrics_rows_is_dropped_for_that_metric():
