@@ -1,8 +1,8 @@
 """Twin placebos in the audit: how often they flag each scenario, and what that does to the claims.
 
 The proxy placebos of :func:`mbe_helpers.audit.audit` are random smooth functions
-of the controls; they do not share the target's misfit, so they miss the audit's
-worst known failure (a smooth proxy through five controls, ``additive_proxy_5``).
+of the controls; they do not share the target's misfit, so they miss a shape the
+learner fails on (a proxy shaped like a training grid, ``grid_proxy_5``).
 The *twin* placebos copy the target's own dependence on the controls
 (:func:`mbe_helpers.crossfit.cv_ridge_fit`, :func:`mbe_helpers.crossfit.twin_columns`).
 When the twins' Wilson lower bound exceeds alpha, the audit withholds a cross-fitted

@@ -5,15 +5,16 @@ held out: a step whose place moves with a categorical control, a staircase,
 a metric with a step the target lacks, heavy-tailed (t, 3 df) noise, a
 target with many ties (an accuracy on 50 test items), an additive proxy
 through three controls, a smooth bump in two controls, an additive proxy
-through five controls (``additive_proxy_5`` of :mod:`mbe_helpers.simulate`,
-which chapter 05 also runs) and a grid-like proxy through five controls (an
+through five controls and a grid-like proxy through five controls (an
 optimum learning rate that moves with the optimizer, a width x depth
-interaction; one run per configuration). Each is a
+interaction; one run per configuration): ``additive_proxy_5`` and
+``grid_proxy_5`` of :mod:`mbe_helpers.simulate`, which chapter 05 also runs. Each is a
 conditional null (the metric's noise is independent of the target's given
 the controls). Prints the rejection rate at alpha = 0.05 with Wilson 95 %
 intervals for each scenario and n.
 
-Run: ``python bench/unseen_nulls.py [--reps 200] [--n 150 300 1000] [--only NAME ...]``.
+Run: ``python bench/unseen_nulls.py [--reps 200] [--n 150 300 1000] [--only NAME ...]
+[--link probit|identity]``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from mbe_helpers import simulate
+from mbe_helpers import crossfit, simulate
 from mbe_helpers.chapters.audit_calibration import rates_at
 from mbe_helpers.simulate import Scenario, run_calibration
 
@@ -78,18 +79,6 @@ def _bump(rng, n):
                          "target": f + rng.normal(0, 0.4, n)})
 
 
-def _grid_like(rng, n):
-    lr, wd = rng.uniform(-4, -1, n), rng.uniform(-6, -2, n)
-    width, depth = rng.uniform(5, 8, n), rng.uniform(1, 4, n)
-    optimizer = rng.choice(["adam", "sgd"], n)
-    best = np.where(optimizer == "adam", -3.2, -1.8)
-    skill = -((lr - best) ** 2) - 0.3 * np.abs(wd + 4) + 0.25 * (width - 6.5) * (depth - 2.5)
-    return pd.DataFrame({"lr": lr, "wd": wd, "width": width, "depth": depth,
-                         "optimizer": optimizer,
-                         "metric": np.tanh(skill / 2) + rng.normal(0, 0.25, n),
-                         "target": np.exp(skill / 3) + rng.normal(0, 0.2, n)})
-
-
 UNSEEN = [
     Scenario("moving_step", "null", ("b", "optimizer"), _moving_step,
              "a step whose place moves with the optimizer"),
@@ -103,8 +92,7 @@ UNSEEN = [
              "a smooth additive proxy through three controls"),
     Scenario("bump", "null", ("b1", "b2"), _bump, "a smooth bump in two controls"),
     simulate.SCENARIOS["additive_proxy_5"],    # held out as well; chapter 05 runs it
-    Scenario("grid_like", "null", ("lr", "wd", "width", "depth", "optimizer"), _grid_like,
-             "a moving optimum, a width x depth interaction, five controls"),
+    simulate.SCENARIOS["grid_proxy_5"],        # likewise
 ]
 
 
@@ -115,14 +103,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--only", nargs="+", choices=[s.name for s in UNSEEN],
                         help="run only these scenarios")
+    parser.add_argument("--link", choices=["probit", "identity"], default=crossfit.TESTED_LINK,
+                        help="how the metric is fitted (identity: its ranks, like the target)")
     args = parser.parse_args()
+    crossfit.TESTED_LINK = args.link                  # the worker processes fork after this
     simulate.SCENARIOS.update({s.name: s for s in UNSEEN})   # the worker processes fork after this
     start = time.perf_counter()
     names = args.only or [s.name for s in UNSEEN]
     table = run_calibration(names, n=args.n, reps=args.reps,
                             methods=("rank-t", "crossfit"), seed=args.seed, progress=False)
     pd.set_option("display.width", 200)
-    print(f"{args.reps} repetitions per cell, seed {args.seed} ({time.perf_counter() - start:.0f} s)")
+    print(f"{args.reps} repetitions per cell, seed {args.seed}, link {args.link} "
+          f"({time.perf_counter() - start:.0f} s)")
     for n in args.n:
         print(rates_at(table, n).to_string(), end="\n\n")
 

@@ -1304,7 +1304,8 @@ def _gate_claims_by_twins(table: pd.DataFrame, calibration: pd.DataFrame,
     :math:`s` = :data:`TWIN_LEVEL_SHARE`. The share is below one because the
     twins understate the null they stand for: they copy the target's shrunk
     ridge fit, whose out-of-fold misfit is smaller than that of the function it
-    estimates. Measured in ``bench/twin_placebos.py`` (40 ledgers per n): at
+    estimates. Measured in ``bench/twin_placebos.py`` (40 ledgers per n, with the linear fit of
+    the metric's ranks that the probit link has since replaced): at
     :math:`s = 1` the five-control proxy still claimed on 10, 5 and 7.5 % of
     ledgers at n = 60, 150 and 300 (10, 7.5, 10 % without placebos; 10 twins
     per target); with :math:`s = 0.1` (with K = 200: beyond every twin) on 7.5,

@@ -85,69 +85,67 @@ A linear smoother: ridge regression on a basis of the controls,
   two fits' errors, so a step that the target shares with a metric is
   removed once the target's fit has it.
 
-A held-out family that it fails is a proxy through three additive
-controls (``bench/unseen_nulls.py``: 8.5-9.5 % at n = 150-1000). The rank
-of an additive signal plus noise is a squashed, no longer additive function
-of the controls, with interactions of every order: the mean of :math:`T` at
-n = 1000 was +0.92, and +0.03 once the learner was given the additive index
-itself. Two remedies were measured and not kept. Normal scores
-:math:`\Phi^{-1}(\operatorname{rank}/(n+1))` instead of ranks took that
-proxy to 4-8 % and left every other size within Monte Carlo error, but
-their long tails widened the adjusted interval on near-noiseless confounding
-(a pure proxy at n = 900 could no longer be shown inside the washout band);
-hinges of the target's own additive fit (a single-index stage) took it to
-3.5-9 % but cost the Simpson increment its power at n = 60 (100 % to 65 %).
+* the responses under test (metrics and placebos: every column but the
+  target and the fits kept for the wild refits) are fitted on the
+  normal-score scale, :math:`z = \Phi^{-1}(\operatorname{rank}/(n + 1))`,
+  and brought back to the rank scale through the probit identity
+  :math:`E[\Phi(z) \mid B] = \Phi\big(m(B) / \sqrt{1 + s^2}\big)` for
+  :math:`z \mid B \sim N(m(B), s^2)`, with :math:`m` the ridge fit of
+  :math:`z` and :math:`s^2` its GCV score: the residual stays a bounded rank
+  residual, :math:`\operatorname{rank}/(n + 1) - \Phi(\hat m / \sqrt{1 +
+  s^2})`.
 
-The same failure is much larger with more controls, and it is the audit's
-worst known one. Two held-out families of ``bench/unseen_nulls.py`` (seed
-21, 200 repetitions, sizes at n = 60, 150, 300 and 1000): an additive proxy
-through five controls (``additive_proxy_5`` of :mod:`mbe_helpers.simulate`, which
-chapter 05 runs), 18, 24, 43 and 56 %, and a grid-like proxy through
-five controls (an optimum learning rate that moves with the optimizer, a
-kink in the weight decay, a width x depth product), 52, 18, 13 and 8.5 %.
-The mean of :math:`T` on the five-control proxy grows with n (+1.3 at
-n = 60, +2.7 at n = 1000): the bias is the learner's, not the noise's.
-Under ``adjust="auto"`` the classes claim information on 11 % and 8 % of
-those five-control ledgers at n = 150 and 300 (100 each, 0 % at n = 1000),
-and a ledger whose metric "survives" (adj_r 0.24, p = 0.001) had proxy
-placebos at 16 of 200: a random smooth function of the controls does not
-share the target's misfit, so the placebos do not see this. Measured this
-far (another seed, 200 repetitions each unless said, the five-control proxy at
-the four n, then the grid-like proxy, then the power on a weak increment
-through four controls at n = 150):
+Why the link. The rank of an additive signal plus noise is a squashed
+function of the controls, :math:`E[\operatorname{rank} V / n \mid B] =
+G(f(B))`, with interactions of every order that a basis of main effects and
+pairs cannot fit; on the normal-score scale the same signal is additive
+again (exactly so for Gaussian data) and the link :math:`G` has the closed
+form above. The GCM's bias is the product of the two fits' errors, so one
+side fitted well is enough, and only the tested side is given the link:
+the target keeps the linear fit of its ranks, so the wild refit below stays
+a linear operator and is unchanged. Measured (200 repetitions each, sizes
+at n = 60, 150, 300 and 1000): the additive proxy through five controls
+(``additive_proxy_5`` of :mod:`mbe_helpers.simulate`, held out when the
+learner was chosen) went from 16, 23.5, 37.5 and 63 % to 5.5, 4.5, 3.5 and
+3 % (seed 0; the held-out run of ``bench/unseen_nulls.py``, seed 21: 16,
+34, 42, 58 % to 9, 6, 3.5, 3 %), the additive proxy through three controls
+from 12, 9, 9.5, 8.5 % to 5, 3.5, 5.5, 4.5 %; the mean GCM statistic on the
+five-control proxy at n = 1000 fell from +2.56 to -0.17 (100 repetitions).
+Every other size of both sets, the interval coverage and the power on
+every signal stayed within Monte Carlo error, and so did the power on seven
+weak signals (``bench/weak_signals.py``: 41-100 % at n = 150 and 68-100 %
+at n = 300, each within 1.5 points of the linear fit). The link on both
+sides fixed the five-control proxy as well but doubled the bias on the
+U-shaped proxy (mean statistic +0.15 to +0.56 at n = 1000): there the
+normal score of a skewed response is not Gaussian given the control, and
+the rank fit is the better one. Measured before and not kept: normal
+scores as the residual itself (their long tails widened the adjusted
+interval on near-noiseless confounding and cost power), hinges of an
+additive index of the target (11.5, 10, 10.5, 4 % on the five-control
+proxy), nested and pairwise variants of that index, and trilinear products
+of the numeric ranks.
 
-* hinges of an additive index, the training fold's main-effect ridge fit of
-  the target, added to the step columns when there are three or more
-  numeric controls: 11.5, 10, 10.5, 4 %; grid-like 74.5, 17, 16, 10 %;
-  power 92 % to 86.5 %;
-* the same index from the fit with pairwise terms: worse everywhere (the
-  in-sample index carries the target's noise: 34, 17.5, 16.5, 9 %);
-* that index fitted out of fold inside the training fold (nested, so it
-  carries no training row's own noise; 100 repetitions at n = 150 and 300):
-  4 and 12 %, grid-like 12 and 8 %, but power 92 % to 68 %;
-* normal scores instead of ranks: 6, 3.5, 8, 5 %; grid-like 52, 12, 12.5,
-  10 %; power 92 % to 77.5 %; with the index hinges as well, no better;
-* trilinear products of every triple of numeric ranks: the three-control
-  proxy at n = 1000 from 10.5 % to 2.8 %, at n = 150 from 14.5 to 15-17 %.
-
-None is kept: none holds the grid-like proxy, and each costs power. A
-remedy probably needs a learner whose link is fitted (the conditional mean
-of a rank is a monotone function of an additive index) or proxy placebos
-built from the target's own fit. The second is built into the audit as
-*twin placebos* (:func:`cv_ridge_fit`, :func:`twin_columns`;
-``mbe_helpers.audit``): a synthetic target and its twins, each the target's
-ridge fit (penalty chosen by the audit's grouped folds) plus permuted
-residuals, so all are conditionally independent copies of the target's shape.
-They do not make the metric's test hold its size; they gate its claims. In
-``bench/twin_placebos.py`` (40 ledgers per cell, n = 60, 150, 300) they flag
-(Wilson lower bound above alpha) 62.5, 90 and 100 % of the five-control
-ledgers and 55-95 % of ``pure_noise_8``'s, 0-12.5 % of the other nulls
-and 0-7.5 % of the signals. A flagged group's claim stands only when the
+The audit's worst known failure is now a proxy shaped like a training grid
+through five controls (``grid_proxy_5``: an optimum learning rate that
+moves with the optimizer, a kink in the weight decay, a width x depth
+product; held out as well): 57, 22, 14 and 8 % at n = 60, 150, 300 and
+1000 in ``bench/unseen_nulls.py`` (52, 18, 13, 8.5 % with the linear fit of
+the metric's ranks). Its shape at small n is a sharp optimum that the
+learner cannot place from 48 training rows, and a random smooth function of
+the controls does not share the target's misfit, so the proxy placebos do
+not see it. The audit carries *twin placebos* for this (:func:`cv_ridge_fit`,
+:func:`twin_columns`; ``mbe_helpers.audit``): a synthetic target and its
+twins, each the target's ridge fit (penalty chosen by the audit's grouped
+folds) plus permuted residuals, so all are conditionally independent copies
+of the target's shape. They do not make the metric's test hold its size;
+they gate its claims: a flagged group's claim stands only when the
 metric's statistic is beyond the twins' (see the audit's
-``_gate_claims_by_twins``), which cut the five-control proxy's claims
-from 10, 7.5 and 10 % of ledgers to 7.5, 2.5 and 0 % (the rest come from
-ledgers the twins did not flag) and left every signal's hit rate unchanged.
-Withholding every claim of a flagged group instead cost the genuine
+``_gate_claims_by_twins``). With the linear fit of the metric's ranks
+(``bench/twin_placebos.py``, 40 ledgers per cell, n = 60, 150, 300) they
+flagged 62.5, 90 and 100 % of the five-control additive ledgers and cut
+their claims from 10, 7.5 and 10 % to 7.5, 2.5 and 0 %, and left every
+signal's hit rate unchanged; chapter 05 measures them on the grid-shaped
+proxy. Withholding every claim of a flagged group instead cost the genuine
 increment of ``bench/bench_crossfit.py``'s grid its "survives": on a grid
 whose controls explain most of the target the twins, an exact copy of its
 fitted shape, reject almost always (199 of 200 there).
@@ -267,6 +265,9 @@ _PAIR_KNOTS = 2                               # interior knots of each factor of
 #: The penalty used is the one GCV picks divided by this (undersmoothing, see the module docstring).
 UNDERSMOOTH = 10.0
 _STEP_SCALE = 3.0                             # weight of the target's step columns
+#: How the responses under test are fitted (see the module docstring): "probit" (normal scores
+#: and the probit link) or "identity" (their ranks, as the target); crossfit_residuals' default.
+TESTED_LINK = "probit"
 _LEVEL_STEP_ROWS = 40                         # fewest training rows of a level for its own step
 
 
@@ -685,7 +686,7 @@ def _ridge_gcv_predict(spectrum, mean_y: np.ndarray, yc: np.ndarray, total: np.n
 
 def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.ndarray,
                        keep: int | list[int] | None = None, anchor: int | None = 0,
-                       link: str = "identity"):
+                       link: str | None = None):
     r"""Out-of-fold residuals of the ranked responses given the controls.
 
     Each column of ``responses`` is ranked and scaled to (0, 1]; on every
@@ -708,11 +709,18 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         for a list, one :class:`KeptFits` per listed response.
     anchor : int or None, default 0
         The response whose steps enter the basis (None: no step columns).
+    link : {"probit", "identity"}, optional
+        How the responses under test (all but ``anchor`` and ``keep``) are
+        fitted: on normal scores with the probit link back to the rank scale,
+        or on their ranks like the target (default :data:`TESTED_LINK`).
 
     Returns
     -------
-    (n, R) array of residuals :math:`\operatorname{rank}(V)/n - \hat f_{-k}(B)`
-    (and a :class:`KeptFits`, or a list of them, when ``keep`` is given).
+    residuals : (n, R) array
+        :math:`\operatorname{rank}(V)/n - \hat f_{-k}(B)`; for the responses under test with
+        the probit link :math:`\operatorname{rank}(V)/(n+1) - \Phi(\hat m / \sqrt{1 + s^2})`.
+    fits : KeptFits or list of KeptFits
+        Only when ``keep`` is given: the fits of response ``keep`` (one per listed response).
 
     Examples
     --------
@@ -727,7 +735,7 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     ranked = column_ranks(responses) / n
     out = np.empty_like(ranked)
     kept = [] if keep is None else [keep] if np.ndim(keep) == 0 else list(keep)
-    probit = np.full(ranked.shape[1], link == "probit")
+    probit = np.full(ranked.shape[1], (link or TESTED_LINK) == "probit")
     probit[[*kept, *([] if anchor is None else [anchor])]] = False
     fitted = ranked.copy()                               # what the ridge fits: ranks or z-scores
     fitted[:, probit] = stats.norm.ppf(ranked[:, probit] * n / (n + 1))

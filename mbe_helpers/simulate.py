@@ -258,6 +258,18 @@ def _additive_proxy_5(rng, n):
     return frame
 
 
+def _grid_proxy_5(rng, n):
+    lr, wd = rng.uniform(-4, -1, n), rng.uniform(-6, -2, n)
+    width, depth = rng.uniform(5, 8, n), rng.uniform(1, 4, n)
+    optimizer = rng.choice(["adam", "sgd"], n)
+    best = np.where(optimizer == "adam", -3.2, -1.8)
+    skill = -((lr - best) ** 2) - 0.3 * np.abs(wd + 4) + 0.25 * (width - 6.5) * (depth - 2.5)
+    return pd.DataFrame({"lr": lr, "wd": wd, "width": width, "depth": depth,
+                         "optimizer": optimizer,
+                         "metric": np.tanh(skill / 2) + rng.normal(0, 0.25, n),
+                         "target": np.exp(skill / 3) + rng.normal(0, 0.2, n)})
+
+
 def _genuine_increment(rng, n):
     b, trait = rng.normal(size=(2, n))
     return pd.DataFrame({"b": b, "metric": b + trait + rng.normal(0, 0.5, n),
@@ -305,6 +317,10 @@ SCENARIOS = {s.name: s for s in (
     Scenario("additive_proxy_5", "null", ("b1", "b2", "b3", "b4", "b5"), _additive_proxy_5,
              "held out when the learner was chosen: both follow one smooth additive function "
              "of five controls"),
+    Scenario("grid_proxy_5", "null", ("lr", "wd", "width", "depth", "optimizer"), _grid_proxy_5,
+             "held out when the learner was chosen: a training grid's shape, an optimum "
+             "learning rate that moves with the optimizer, a kink in the weight decay and a "
+             "width x depth product"),
     Scenario("genuine_increment", "signal", ("b",), _genuine_increment,
              "the metric measures a trait that moves the target beyond the control"),
     Scenario("nonlinear_increment", "signal", ("b",), _nonlinear_increment,

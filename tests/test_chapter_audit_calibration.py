@@ -258,12 +258,12 @@ def test_claims_and_placebos_on_real_ledgers_are_reproducible() -> None:
 
 
 def test_twin_withholding_table_and_sentences() -> None:
-    twins = chapter.twin_withholding(["additive_proxy_5", "genuine_increment"], 300, 3, 40, 0.05,
+    twins = chapter.twin_withholding(["grid_proxy_5", "genuine_increment"], 60, 3, 40, 0.05,
                                      seed=0, workers=1)
-    assert list(twins.scenario) == ["additive_proxy_5", "genuine_increment"]
+    assert list(twins.scenario) == ["grid_proxy_5", "genuine_increment"]
     assert list(twins.kind) == ["null", "signal"] and (twins.reps == 3).all()
     assert (twins.claims_checked <= twins.claims_plain).all()          # withholding only removes
-    assert twins.set_index("scenario").flagged["additive_proxy_5"] > 0
+    assert twins.set_index("scenario").flagged["grid_proxy_5"] > 0
     values = chapter.twin_values(twins)
     assert values["twin_reps"] == 3 and values["twin_scenario_signal"] == "genuine_increment"
     alone = chapter.twin_values(twins[twins.kind == "null"])

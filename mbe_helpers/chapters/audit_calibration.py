@@ -47,9 +47,9 @@ METHOD_LABELS = {
 }
 #: Null scenarios whose ledgers are audited for the false-claim rate (those that were run).
 CLAIM_SCENARIOS = ("linear_proxy", "u_proxy", "interaction_proxy", "clustered_null",
-                   "additive_proxy_5")
+                   "additive_proxy_5", "grid_proxy_5")
 #: The null and the signal of the twin-withholding study (else the first of each kind run).
-TWIN_SCENARIOS = ("additive_proxy_5", "genuine_increment")
+TWIN_SCENARIOS = ("grid_proxy_5", "genuine_increment")
 #: The null scenario of the placebo self-calibration (else the first null run).
 PLACEBO_SCENARIO = "u_proxy"
 #: Power a method must reach on every signal for :func:`power_sentence`'s smallest n.
@@ -786,16 +786,18 @@ def _moved(before: float, after: float) -> str:
     return f"{'falls' if after < before else 'rises'} from {pct(before)} to {pct(after)}"
 
 
-def twin_values(twins: pd.DataFrame) -> dict:
+def twin_values(twins: pd.DataFrame, calibration: pd.DataFrame | None = None) -> dict:
     """Values and the sentence of the twin-withholding section.
 
     Keys: ``twin_n, twin_reps, twin_placebos``; per row kind ``k`` in (null,
     signal): ``twin_scenario_k, twin_plain_k, twin_checked_k, twin_flag_k``
-    ('–' where no such scenario was run); ``twin_sentence``.
+    ('–' where no such scenario was run); ``twin_sentence``; and
+    ``twin_size_null``, the crossfit size of the null at ``twin_n`` in
+    ``calibration`` (the size table; '–' where that cell was not run).
 
     Examples
     --------
-    >>> t = pd.DataFrame({"scenario": ["additive_proxy_5", "genuine_increment"],
+    >>> t = pd.DataFrame({"scenario": ["grid_proxy_5", "genuine_increment"],
     ...                   "kind": ["null", "signal"], "n": 300, "reps": 40, "placebos": 200,
     ...                   "claims_plain": [0.1, 0.9], "claims_checked": [0.0, 0.9],
     ...                   "flagged": [1.0, 0.0], "twin_rate": [0.4, 0.05]})
@@ -803,7 +805,7 @@ def twin_values(twins: pd.DataFrame) -> dict:
     >>> v["twin_plain_null"], v["twin_checked_null"], v["twin_flag_signal"]
     ('10 %', '0 %', '0 %')
     >>> print(v["twin_sentence"])
-    with the twins' check the false-claim rate on additive_proxy_5 falls from 10 % to 0 % and the
+    with the twins' check the false-claim rate on grid_proxy_5 falls from 10 % to 0 % and the
     hit rate on genuine_increment stays at 90 %
     """
     values = {"twin_n": int(twins.n.iloc[0]), "twin_reps": int(twins.reps.max()),
@@ -823,6 +825,12 @@ def twin_values(twins: pd.DataFrame) -> dict:
         sentence += (f" and the hit rate on {signal.scenario} "
                      f"{_moved(signal.claims_plain, signal.claims_checked)}")
     values["twin_sentence"] = sentence
+    values["twin_size_null"] = "–"
+    if calibration is not None and null is not None:
+        cell = calibration[(calibration.scenario == null.scenario) & (calibration.method == "crossfit")
+                           & (calibration.n == values["twin_n"])]
+        if len(cell):
+            values["twin_size_null"] = pct(float(cell.rate.iloc[0]))
     return values
 
 
