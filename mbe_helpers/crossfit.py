@@ -246,7 +246,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import linalg, sparse, stats
+from scipy import linalg, sparse, special, stats
 from scipy.interpolate import BSpline
 
 from mbe_helpers.errors import MBEInputError
@@ -738,7 +738,7 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     probit = np.full(ranked.shape[1], (link or TESTED_LINK) == "probit")
     probit[[*kept, *([] if anchor is None else [anchor])]] = False
     fitted = ranked.copy()                               # what the ridge fits: ranks or z-scores
-    fitted[:, probit] = stats.norm.ppf(ranked[:, probit] * n / (n + 1))
+    fitted[:, probit] = special.ndtri(ranked[:, probit] * n / (n + 1))
     operators = [[] for _ in kept]
     dof = np.zeros(ranked.shape[1])
     has_steps = anchor is not None and basis.ranks is not None and basis.ranks.shape[1] > 0
@@ -767,7 +767,7 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         if probit.any():                                 # E[Phi(z) | B] = Phi(m / sqrt(1 + s^2))
             scale = np.sqrt(1.0 + best_score[probit])
             out[np.ix_(test, probit)] = (ranked[test][:, probit] * n / (n + 1)
-                                         - stats.norm.cdf(best_pred[:, probit] / scale))
+                                         - special.ndtr(best_pred[:, probit] / scale))
         dof += best_dof / len(np.unique(folds))
         for position, (j, (_, w, spectrum, _)) in enumerate(zip(kept, best_ops)):
             key = (train.tobytes(), id(spectrum), w[j].tobytes())
