@@ -1,15 +1,17 @@
 """Power of the audit's tests on weak signals, with either fit of the responses under test.
 
-Seven ledgers where the metric does carry information beyond the controls,
-each weak enough that no test has all the power: a linear control, an
-additive signal through four controls, a U-shape, a skewed (log-normal)
-metric, a heavy-tailed (t, 2 df) metric, an optimum that moves with the
-optimizer, and a near-deterministic confounder. Prints the rejection rate at
+Ten ledgers where the metric does carry information beyond the controls,
+each weak enough that no test has all the power at small n: a linear
+control, an additive signal through four controls, a U-shape, a skewed
+(log-normal) metric, a heavy-tailed (t, 2 df) metric, an optimum that moves
+with the optimizer, a near-deterministic confounder, two signals beside eight
+controls as in chapter 2's grid, and an accuracy with its noisy copy (chapter
+2's positive control) beside seven. Prints the rejection rate at
 alpha = 0.05 of ``rank-t`` and ``crossfit`` with Wilson 95 % intervals.
 ``--link identity`` fits the metric's ranks like the target's instead of
 the probit link (:data:`mbe_helpers.crossfit.TESTED_LINK`), for comparison.
 
-Run: ``python bench/weak_signals.py [--reps 200] [--n 150 300] [--link probit|identity]``.
+Run: ``python bench/weak_signals.py [--reps 200] [--n 60 150 300] [--link probit|identity]``.
 """
 
 from __future__ import annotations
@@ -75,6 +77,33 @@ def _weak_near_deterministic(rng, n):
     return frame
 
 
+def _eight_controls(rng, n, weight):
+    frame = pd.DataFrame(rng.normal(size=(n, 6)), columns=[f"c{i}" for i in range(6)])
+    frame["optimizer"] = rng.choice(["adam", "sgd"], n)
+    frame["arch"] = rng.choice(["mlp", "cnn", "vit"], n)
+    c = frame[[f"c{i}" for i in range(6)]].to_numpy()
+    f = (np.sin(c[:, 0]) + 0.5 * c[:, 1] ** 2 + 0.5 * c[:, 2] + 0.5 * (frame.optimizer == "adam")
+         + 0.3 * c[:, 3] * (frame.arch == "vit"))
+    trait = rng.normal(size=n)
+    frame["metric"] = f + trait + rng.normal(0, 0.5, n)
+    frame["target"] = f + weight * trait + rng.normal(0, 0.5, n)
+    return frame
+
+
+def _accuracy_positive_control(rng, n):
+    frame = pd.DataFrame(rng.normal(size=(n, 5)), columns=[f"c{i}" for i in range(5)])
+    frame["optimizer"] = rng.choice(["adam", "sgd"], n)
+    frame["arch"] = rng.choice(["mlp", "cnn", "vit"], n)
+    c = frame[[f"c{i}" for i in range(5)]].to_numpy()
+    skill = (-c[:, 0] ** 2 + 0.5 * c[:, 1] + 0.7 * (frame.optimizer == "adam")
+             + 0.3 * c[:, 2] * (frame.arch == "vit") + 0.4 * rng.normal(size=n))
+    accuracy = 1 / (1 + np.exp(-skill))
+    frame["target"] = accuracy                       # chapter 2's positive control: target + noise
+    frame["metric"] = accuracy + 0.5 * accuracy.std() * rng.normal(size=n)
+    return frame
+
+
+EIGHT = ("c0", "c1", "c2", "c3", "c4", "c5", "optimizer", "arch")
 WEAK = [
     Scenario("weak_linear", "signal", ("b",), _weak_linear, "a linear control"),
     Scenario("weak_four", "signal", ("b1", "b2", "b3", "b4"), _weak_four,
@@ -86,13 +115,19 @@ WEAK = [
              "an optimum that moves with the optimizer"),
     Scenario("weak_near_deterministic", "signal", ("b1", "b2", "b3"), _weak_near_deterministic,
              "a near-deterministic confounder"),
+    Scenario("weak_eight", "signal", EIGHT, lambda rng, n: _eight_controls(rng, n, 0.3),
+             "eight controls, as chapter 2's grid"),
+    Scenario("mid_eight", "signal", EIGHT, lambda rng, n: _eight_controls(rng, n, 0.6),
+             "eight controls, a stronger trait"),
+    Scenario("accuracy_positive_control", "signal", EIGHT[:5] + EIGHT[6:],
+             _accuracy_positive_control, "an accuracy and its noisy copy, seven controls"),
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200)
-    parser.add_argument("--n", type=int, nargs="+", default=[150, 300])
+    parser.add_argument("--n", type=int, nargs="+", default=[60, 150, 300])
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--link", choices=["probit", "identity"], default=crossfit.TESTED_LINK)
     args = parser.parse_args()
