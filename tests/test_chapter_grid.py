@@ -51,9 +51,13 @@ def test_no_claim_when_the_placebos_fail() -> None:
     ok = {"placebo_rate": 0.05, "proxy_placebo_rate": 0.04, "trustworthy": True}
     assert "lacks the power" in grid.trust_sentence(weak, ok, 0.05)
     twins = {**ok, "twin_placebo_rate": 1.0, "twins_flagged": True}
-    assert "did not beat them" in grid.trust_sentence(weak.assign(**{"class": "inconclusive"}), twins, 0.05)
-    assert "100 % of the time" in grid.trust_sentence(weak, twins, 0.05)
-    assert "  " not in grid.trust_sentence(weak, twins, 0.05)
+    withheld = weak.assign(p=0.01, **{"class": "inconclusive"})    # significant, gated by twins
+    assert "did not beat them" in grid.trust_sentence(withheld, twins, 0.05)
+    unproven = weak.assign(p=0.2, **{"class": "inconclusive"})     # not significant at all
+    sentence = grid.trust_sentence(unproven, twins, 0.05)
+    assert "lacks the power" in sentence and "would have to beat them" in sentence
+    assert "100 % of the time" in grid.trust_sentence(withheld, twins, 0.05)
+    assert "  " not in grid.trust_sentence(withheld, twins, 0.05)
     assert grid.trust_sentence(checks, ok, 0.05).endswith("can be trusted")
 
 

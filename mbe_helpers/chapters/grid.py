@@ -736,17 +736,23 @@ def trust_sentence(checks: pd.DataFrame, calibration: Mapping[str, Any], alpha: 
                 "adjustment is not trustworthy on this grid and no class below is claimed")
     if len(missed):
         r = missed.iloc[0]
-        if calibration.get("twins_flagged") and r.control == "positive":
-            twin_rate = f"{calibration['twin_placebo_rate']:.0%}".replace("%", " %")
+        twins = calibration.get("twins_flagged") and r.control == "positive"
+        twin_rate = f"{calibration.get('twin_placebo_rate', np.nan):.0%}".replace("%", " %")
+        if twins and r.get("p", np.nan) < alpha:          # significant, but withheld by the twins
             return (f"{rates}, within their Wilson intervals, but the twin placebos (copies of "
                     f"the target's own dependence on the controls) were called associated "
                     f"{twin_rate} of the time, and the positive control ({r.metric}) did not "
                     f"beat them, so it came out {r['class']}: on this grid the audit cannot tell "
                     "information beyond the controls from the controls' own shape, and a null "
                     "result is not evidence")
-        return (f"{rates}, within their Wilson intervals, but the {r.control} control "
+        weak = (f"{rates}, within their Wilson intervals, but the {r.control} control "
                 f"({r.metric}) came out {r['class']}, so this audit lacks the power to trust a "
                 "null result")
+        if twins:
+            weak += (f"; the twin placebos (copies of the target's own dependence on the "
+                     f"controls) were also called associated {twin_rate} of the time, so even a "
+                     "significant metric would have to beat them")
+        return weak
     return (f"{rates}, within their Wilson intervals, and the positive control survives: the "
             "audit of this run can be trusted")
 
