@@ -476,7 +476,7 @@ def plot_rates(table: pd.DataFrame, alpha: float, ncols: int = 4):
             ax.errorbar(rows.n * shift, rows.rate, yerr=[rows.rate - rows.lo, rows.hi - rows.rate],
                         marker="o", ms=3.5, lw=1.2, capsize=2, color=colours.get(method), label=method)
         ax.axhline(alpha, color="black", ls="--", lw=0.8)
-        ax.set_title(f"{name} ({cells.kind.iloc[0]})", fontsize=9)
+        ax.set_title(f"{name}\n({cells.kind.iloc[0]})", fontsize=9)      # two lines: long names
         ax.tick_params(labelsize=8)
     for ax in axes.flat[len(scenarios):]:
         ax.set_visible(False)
