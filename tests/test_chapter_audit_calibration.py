@@ -190,7 +190,7 @@ def test_figure_has_one_panel_per_scenario_and_readable_text() -> None:
     fig = chapter.plot_rates(constructed_table(), 0.05)
     shown = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == [
-        "independent_null (null)", "u_proxy (null)", "genuine_increment (signal)"]
+        "independent_null\n(null)", "u_proxy\n(null)", "genuine_increment\n(signal)"]
     texts = [t for ax in shown for t in (ax.title, ax.xaxis.label, ax.yaxis.label,
                                           *ax.get_xticklabels(), *ax.get_yticklabels())]
     texts += list(fig.legends[0].get_texts())
