@@ -454,7 +454,7 @@ def plot_rates(table: pd.DataFrame, alpha: float, ncols: int = 4):
     ...                   "lo": [0.03, 0.03, 0.3, 0.85], "hi": [0.1, 0.09, 0.5, 0.94]})
     >>> fig = plot_rates(t, alpha=0.05, ncols=2)
     >>> type(fig).__name__, [ax.get_title() for ax in fig.axes]
-    ('Figure', ['a (null)', 's (signal)'])
+    ('Figure', ['a\\n(null)', 's\\n(signal)'])
     >>> plt.close(fig)
     """
     import matplotlib.pyplot as plt
