@@ -20,14 +20,13 @@ Run: ``python bench/unseen_nulls.py [--reps 200] [--n 150 300 1000] [--only NAME
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import pandas as pd
 
-from mbe_helpers import crossfit, simulate
-from mbe_helpers.chapters.audit_calibration import rates_at
-from mbe_helpers.simulate import Scenario, run_calibration
+from heldout import add_link_argument, print_rates  # bench/heldout.py, beside this script
+from mbe_helpers import simulate
+from mbe_helpers.simulate import Scenario
 
 
 def _moving_step(rng, n):
@@ -103,20 +102,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=21)
     parser.add_argument("--only", nargs="+", choices=[s.name for s in UNSEEN],
                         help="run only these scenarios")
-    parser.add_argument("--link", choices=["probit", "identity"], default=crossfit.TESTED_LINK,
-                        help="how the metric is fitted (identity: its ranks, like the target)")
+    add_link_argument(parser)
     args = parser.parse_args()
-    crossfit.TESTED_LINK = args.link                  # the worker processes fork after this
-    simulate.SCENARIOS.update({s.name: s for s in UNSEEN})   # the worker processes fork after this
-    start = time.perf_counter()
-    names = args.only or [s.name for s in UNSEEN]
-    table = run_calibration(names, n=args.n, reps=args.reps,
-                            methods=("rank-t", "crossfit"), seed=args.seed, progress=False)
-    pd.set_option("display.width", 200)
-    print(f"{args.reps} repetitions per cell, seed {args.seed}, link {args.link} "
-          f"({time.perf_counter() - start:.0f} s)")
-    for n in args.n:
-        print(rates_at(table, n).to_string(), end="\n\n")
+    print_rates(UNSEEN, args.only or [s.name for s in UNSEEN], args)
 
 
 if __name__ == "__main__":

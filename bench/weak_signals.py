@@ -17,14 +17,12 @@ Run: ``python bench/weak_signals.py [--reps 200] [--n 60 150 300] [--link probit
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import pandas as pd
 
-from mbe_helpers import crossfit, simulate
-from mbe_helpers.chapters.audit_calibration import rates_at
-from mbe_helpers.simulate import Scenario, run_calibration
+from heldout import add_link_argument, print_rates  # bench/heldout.py, beside this script
+from mbe_helpers.simulate import Scenario
 
 
 def _weak_linear(rng, n):
@@ -129,18 +127,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--n", type=int, nargs="+", default=[60, 150, 300])
     parser.add_argument("--seed", type=int, default=4)
-    parser.add_argument("--link", choices=["probit", "identity"], default=crossfit.TESTED_LINK)
+    add_link_argument(parser)
     args = parser.parse_args()
-    crossfit.TESTED_LINK = args.link                  # the worker processes fork after this
-    simulate.SCENARIOS.update({s.name: s for s in WEAK})
-    start = time.perf_counter()
-    table = run_calibration([s.name for s in WEAK], n=args.n, reps=args.reps,
-                            methods=("rank-t", "crossfit"), seed=args.seed, progress=False)
-    pd.set_option("display.width", 200)
-    print(f"{args.reps} repetitions per cell, seed {args.seed}, link {args.link} "
-          f"({time.perf_counter() - start:.0f} s)")
-    for n in args.n:
-        print(rates_at(table, n).to_string(), end="\n\n")
+    print_rates(WEAK, [s.name for s in WEAK], args)
 
 
 if __name__ == "__main__":

@@ -964,7 +964,6 @@ class KeptFits:
             start += len(rows)
         return cells
 
-
     def cell_fit_weights(self, first: np.ndarray, codes: np.ndarray, e_y: np.ndarray) -> np.ndarray:
         r"""(C, G) weights :math:`W` with the wild refit's fits of the cells, :math:`F = W\eta`.
 
