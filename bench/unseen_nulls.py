@@ -78,6 +78,14 @@ def _bump(rng, n):
                          "target": f + rng.normal(0, 0.4, n)})
 
 
+def _grid_proxy_8(rng, n):
+    frame = simulate.SCENARIOS["grid_proxy_5"].generate(rng, n)
+    frame.insert(5, "momentum", rng.uniform(0, 1, n))           # three controls that do nothing
+    frame.insert(6, "noise", rng.uniform(0, 0.4, n))
+    frame.insert(7, "arch", rng.choice(["mlp", "cnn", "res"], n))
+    return frame
+
+
 UNSEEN = [
     Scenario("moving_step", "null", ("b", "optimizer"), _moving_step,
              "a step whose place moves with the optimizer"),
@@ -92,6 +100,9 @@ UNSEEN = [
     Scenario("bump", "null", ("b1", "b2"), _bump, "a smooth bump in two controls"),
     simulate.SCENARIOS["additive_proxy_5"],    # held out as well; chapter 05 runs it
     simulate.SCENARIOS["grid_proxy_5"],        # likewise
+    Scenario("grid_proxy_8", "null", ("lr", "wd", "width", "depth", "optimizer", "momentum",
+                                      "noise", "arch"), _grid_proxy_8,
+             "grid_proxy_5 beside three controls that do nothing (chapter 2's eight)"),
 ]
 
 

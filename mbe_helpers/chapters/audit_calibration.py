@@ -786,14 +786,17 @@ def _moved(before: float, after: float) -> str:
     return f"{'falls' if after < before else 'rises'} from {pct(before)} to {pct(after)}"
 
 
-def twin_values(twins: pd.DataFrame, calibration: pd.DataFrame | None = None) -> dict:
+def twin_values(twins: pd.DataFrame, calibration: pd.DataFrame | None = None,
+                alpha: float = 0.05) -> dict:
     """Values and the sentence of the twin-withholding section.
 
     Keys: ``twin_n, twin_reps, twin_placebos``; per row kind ``k`` in (null,
     signal): ``twin_scenario_k, twin_plain_k, twin_checked_k, twin_flag_k``
     ('–' where no such scenario was run); ``twin_sentence``; and
     ``twin_size_null``, the crossfit size of the null at ``twin_n`` in
-    ``calibration`` (the size table; '–' where that cell was not run).
+    ``calibration`` (the size table; '–' where that cell was not run), and
+    ``twin_size_sentence``, which says whether that size lies above alpha
+    (its Wilson interval above ``alpha``: the learner misses this shape).
 
     Examples
     --------
@@ -826,12 +829,32 @@ def twin_values(twins: pd.DataFrame, calibration: pd.DataFrame | None = None) ->
                      f"{_moved(signal.claims_plain, signal.claims_checked)}")
     values["twin_sentence"] = sentence
     values["twin_size_null"] = "–"
+    values["twin_size_sentence"] = "this null was not in the size table of this run"
     if calibration is not None and null is not None:
         cell = calibration[(calibration.scenario == null.scenario) & (calibration.method == "crossfit")
                            & (calibration.n == values["twin_n"])]
         if len(cell):
             values["twin_size_null"] = pct(float(cell.rate.iloc[0]))
+            values["twin_size_sentence"] = _twin_size_sentence(cell.iloc[0], alpha)
     return values
+
+
+def _twin_size_sentence(cell: pd.Series, alpha: float) -> str:
+    """Whether the cross-fitted test misses the twin study's null at its n (one size-table cell).
+
+    Examples
+    --------
+    >>> cell = pd.Series({"n": 60, "rate": 0.64, "lo": 0.57})
+    >>> print(_twin_size_sentence(cell, 0.05))
+    at n = 60, the smallest n of this run, the cross-fitted test rejects this null in 64 % of the
+    ledgers of the size table, far above alpha: the learner misses this shape at this n
+    """
+    text = (f"at n = {int(cell.n)}, the smallest n of this run, the cross-fitted test rejects "
+            f"this null in {pct(float(cell.rate))} of the ledgers of the size table, ")
+    if cell.lo > alpha:
+        return text + "far above alpha: the learner misses this shape at this n"
+    return text + ("not shown to be above alpha: at this n the learner fits this shape, so the "
+                   "twins have little to catch here")
 
 
 # --------------------------------------------------------------- coverage
