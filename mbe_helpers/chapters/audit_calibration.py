@@ -847,12 +847,12 @@ def _twin_size_sentence(cell: pd.Series, alpha: float) -> str:
     >>> cell = pd.Series({"n": 60, "rate": 0.64, "lo": 0.57})
     >>> print(_twin_size_sentence(cell, 0.05))
     at n = 60, the smallest n of this run, the cross-fitted test rejects this null in 64 % of the
-    ledgers of the size table, far above alpha: the learner misses this shape at this n
+    ledgers of the size table, significantly above alpha: the learner misses this shape at this n
     """
     text = (f"at n = {int(cell.n)}, the smallest n of this run, the cross-fitted test rejects "
             f"this null in {pct(float(cell.rate))} of the ledgers of the size table, ")
     if cell.lo > alpha:
-        return text + "far above alpha: the learner misses this shape at this n"
+        return text + "significantly above alpha: the learner misses this shape at this n"
     return text + ("not shown to be above alpha: at this n the learner fits this shape, so the "
                    "twins have little to catch here")
 
