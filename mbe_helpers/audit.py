@@ -892,7 +892,27 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
         _note(row, f"the cross-fitted learner failed ({' '.join(str(exc).split())})")
         return {**empty, "adjust": "crossfit"}
     return dict(adj_r=test.r, adj_p=test.p, adj_lo=test.lo, adj_hi=test.hi, adjust="crossfit",
-                _adj_stat=abs(test.statistic))
+                _adj_stat=abs(test.statistic), _thin=basis.smooth_needs)
+
+
+def _mark_thin_claims(table: pd.DataFrame) -> None:
+    """A cross-fitted claim on too few rows for the learner's smooth block says that it is
+    provisional (column ``_thin``: the rows the block needs; see
+    :data:`mbe_helpers.crossfit.SMOOTH_ROWS_PER_COLUMN`)."""
+    if "_thin" not in table:
+        return
+    for i in table.index[table.classification.isin(CLAIMS) & (table._thin.fillna(0) > 0)]:
+        controls = len(str(table.at[i, "controls"]).split(","))
+        _note_at(table, i, f"provisional: {int(table.at[i, 'n'])} rows for {controls} controls, "
+                           f"and the learner's smooth block needs {int(table.at[i, '_thin'])}; "
+                           "without it a training grid's shape beside controls that do nothing "
+                           "passes as information far more often than alpha (56 % at n = 60 "
+                           "with eight controls, bench/unseen_nulls.py); drop controls that "
+                           "cannot matter or add runs")
+
+
+def _note_at(table: pd.DataFrame, i, text: str) -> None:
+    table.at[i, "note"] = "; ".join(filter(None, [table.at[i, "note"], text]))
 
 
 def _group_problem(frame: pd.DataFrame, metric: str, target: str, controls: list[str]) -> str:
@@ -1035,7 +1055,8 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
         calibration = _placebo_table(groups, target, settings)
     table = _finish_table(rows, settings)
     _gate_claims_by_twins(table, calibration, settings)
-    table = table.drop(columns=["_adj_stat"], errors="ignore")
+    _mark_thin_claims(table)
+    table = table.drop(columns=["_adj_stat", "_thin"], errors="ignore")
     return AuditResult(table=table, data=df, metrics=metrics,
                        target=target, controls=controls, groupby=groupby,
                        settings=vars(settings), calibration=calibration)

@@ -397,6 +397,8 @@ class ControlBasis:
     #: its first ``smooth_main`` columns are the numeric main effects. Empty on too few rows.
     smooth: np.ndarray | None = None
     smooth_main: int = 0
+    #: rows the smooth block would need where it has too few to enter (0 where it entered)
+    smooth_needs: int = 0
     #: per interaction scale: the basis at that scale (see :meth:`scaled`)
     _scaled: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -450,18 +452,19 @@ def _smooth_blocks(ranks: list, dummies: list, n: int) -> tuple[np.ndarray | Non
     r"""The smooth block: cubic Legendre main effects of every numeric rank, then the one-hot
     columns, then the products of a rank's linear Legendre term with a category's one-hot
     columns and of two categories' one-hot columns (the product of two ranks is already in
-    the interactions, more lightly penalised still). Returns ``(block, numeric main columns)``,
-    or ``(None, 0)`` when there are fewer than :data:`SMOOTH_ROWS_PER_COLUMN` rows per column.
+    the interactions, more lightly penalised still). Returns ``(block, numeric main columns,
+    0)``, or ``(None, 0, rows it needs)`` when there are fewer than
+    :data:`SMOOTH_ROWS_PER_COLUMN` rows per column.
 
     Examples
     --------
     >>> u = np.arange(1, 61) / 60
     >>> level = np.eye(2)[np.arange(60) % 2][:, 1:]        # a category's one-hot column
-    >>> block, main = _smooth_blocks([u, u[::-1]], [level], 60)
+    >>> block, main, _ = _smooth_blocks([u, u[::-1]], [level], 60)
     >>> block.shape, main                                  # 6 + 1 + 2 rank x level products
     ((60, 9), 6)
-    >>> _smooth_blocks([u] * 11, [], 60)[0] is None       # 33 columns > 60 rows / 2
-    True
+    >>> _smooth_blocks([u] * 11, [], 60)[::2]              # 33 columns: 66 rows needed
+    (None, 66)
     """
     main = [_legendre(u, _SMOOTH_DEGREE) for u in ranks]
     low = [_legendre(u, 1) for u in ranks] + list(dummies)
@@ -470,8 +473,8 @@ def _smooth_blocks(ranks: list, dummies: list, n: int) -> tuple[np.ndarray | Non
     blocks = main + list(dummies) + pairs
     width = sum(b.shape[1] for b in blocks)
     if not width or n < SMOOTH_ROWS_PER_COLUMN * width:
-        return None, 0
-    return np.hstack(blocks), sum(b.shape[1] for b in main)
+        return None, 0, int(np.ceil(SMOOTH_ROWS_PER_COLUMN * width))
+    return np.hstack(blocks), sum(b.shape[1] for b in main), 0
 
 
 def control_basis(numeric: np.ndarray | None = None,
@@ -535,12 +538,12 @@ def control_basis(numeric: np.ndarray | None = None,
     one_hot = [code for code, wide in zip(codes, kinds) if not wide]
     rows = (np.unique(np.column_stack(codes), axis=0, return_inverse=True)[1].ravel()
             if codes else np.zeros(n, dtype=int))
-    smooth, smooth_main = _smooth_blocks(ranks, all_dummies, n)
+    smooth, smooth_main, smooth_needs = _smooth_blocks(ranks, all_dummies, n)
     return ControlBasis(main=np.hstack(main) if main else empty,
                         interactions=np.hstack(pairs) if pairs else empty, rows=rows,
                         ranks=np.column_stack(ranks) if ranks else empty,
                         levels=np.column_stack(one_hot) if one_hot else np.empty((n, 0), dtype=int),
-                        smooth=smooth, smooth_main=smooth_main)
+                        smooth=smooth, smooth_main=smooth_main, smooth_needs=smooth_needs)
 
 
 def fold_ids(n: int, folds: int, seed: int = 0, clusters: np.ndarray | None = None) -> np.ndarray:
