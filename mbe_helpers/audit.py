@@ -912,6 +912,7 @@ def _mark_thin_claims(table: pd.DataFrame) -> None:
 
 
 def _note_at(table: pd.DataFrame, i, text: str) -> None:
+    """Append ``text`` to the note of row ``i`` (as :func:`_note` does for a row dict)."""
     table.at[i, "note"] = "; ".join(filter(None, [table.at[i, "note"], text]))
 
 
@@ -1367,7 +1368,7 @@ def _gate_claims_by_twins(table: pd.DataFrame, calibration: pd.DataFrame,
                         f"{level:.3g}{reach}; on this data the adjustment does not separate this "
                         f"metric from the controls")
                 table.at[i, "classification"] = "inconclusive"
-            table.at[i, "note"] = "; ".join(filter(None, [table.at[i, "note"], note]))
+            _note_at(table, i, note)
 
 
 class CalibrationWarning(UserWarning):

@@ -148,61 +148,58 @@ proxy shaped like a training grid through five controls (``grid_proxy_5``:
 an optimum learning rate that moves with the optimizer, a kink in the weight
 decay, a width x depth product; held out when the learner was chosen) the
 target's out-of-fold R^2 at n = 60 was -0.28 at the penalty GCV chose, and
-below zero at every penalty from 1e-3 to 1e3 times the mean squared
-singular value, while a ridge on a quadratic in the learning rate and its
-product with the optimizer reached 0.41 (0.50 with the true index as the
-only control). The test then rejected this null 57, 22, 14 and 8 % of the
-time at n = 60, 150, 300 and 1000 (``bench/unseen_nulls.py``, 200
-repetitions). A low-order polynomial block that is cheap to use (its
-penalty divided by 9) lets the ridge take the smooth explanation first and
-the hinges the rest: 8, 9, 8.5 and 10 % at the same n (same seed and
-repetitions). Measured before and not kept
-(100 repetitions, every scenario of :mod:`mbe_helpers.simulate`,
-``bench/unseen_nulls.py`` and ``bench/weak_signals.py``): the polynomial
-block as a third candidate chosen by GCV (14 % at n = 60 but 20 and 16 % at
-n = 300 and 1000), the block on one side only (target or metric: 22-23 % at
-n = 60), and the block without a floor on the rows per column, which cut
-the power at n = 60 with eight controls (the accuracy and its noisy copy
-97 -> 72 %, the weak eight-control signal 73 -> 44 %). With the floor every
-other size and power moved within Monte Carlo error, and the Monte Carlo
-takes about 16 % longer.
+below zero at every penalty from 1e-3 to 1e3 times the mean squared singular
+value, while a ridge on a quadratic in the learning rate and its product
+with the optimizer reached 0.41 (0.50 with the true index as the only
+control). The test then rejected this null 57, 22, 14 and 8 % of the time at
+n = 60, 150, 300 and 1000 (``bench/unseen_nulls.py``, 200 repetitions). A
+low-order polynomial block that is cheap to use (its penalty divided by 9)
+lets the ridge take the smooth explanation first and the hinges the rest: 8,
+9, 8.5 and 10 % at the same n (same seed and repetitions). Measured before
+and not kept (100 repetitions, every scenario of
+:mod:`mbe_helpers.simulate`, ``bench/unseen_nulls.py`` and
+``bench/weak_signals.py``): the polynomial block as a third candidate chosen
+by GCV (14 % at n = 60 but 20 and 16 % at n = 300 and 1000), the block on
+one side only (target or metric: 22-23 % at n = 60), and the block without a
+floor on the rows per column, which cut the power at n = 60 with eight
+controls (the accuracy and its noisy copy 97 -> 72 %, the weak eight-control
+signal 73 -> 44 %). With the floor every other size and power moved within
+Monte Carlo error, and the Monte Carlo takes 9-16 % longer.
 
 The audit's worst known failure is now the same grid beside three controls
 that do nothing (``grid_proxy_8`` of ``bench/unseen_nulls.py``: eight
 controls, chapter 2's shape): 56, 28, 17 and 16 % at n = 60, 150, 300 and
 1000 (200 repetitions; 58, 62 and 53 % at n = 60, 150 and 300 without the
-smooth block, 100 repetitions). Ridge
-spreads one penalty over every control, so the ones that do nothing dilute
-the fit; at n = 60 the smooth block has too few rows to enter. The plain
-audit calls it ``survives`` in 15 of 40 ledgers at n = 60, and the twin
-placebos below do not see it (they reject about alpha: the twins' shape is
-the learner's own fit, which the learner fits), so they withhold none of
-those claims. Weighting each control's columns by its share of a first ridge
-fit of the target (one reweighting step, 100 repetitions) took n = 150 from
-25 to 11 % but left n = 300 at 19-20 % and cost a few points of power at
-n = 60: the idle controls' shares were as large as those of the weak real
-ones (the weight decay, width and depth). A random smooth function of the
-controls does not share the
-target's misfit either, so the proxy placebos do
-not see it. The audit carries *twin placebos* against such failures (:func:`cv_ridge_fit`,
+smooth block, 100 repetitions). Ridge spreads one penalty over every
+control, so the ones that do nothing dilute the fit; at n = 60 the smooth
+block has too few rows to enter. The plain audit calls it ``survives`` in 15
+of 40 ledgers at n = 60, and the twin placebos below do not see it (they
+reject about alpha: the twins' shape is the learner's own fit, which the
+learner fits), so they withhold none of those claims. Weighting each
+control's columns by its share of a first ridge fit of the target (one
+reweighting step, 100 repetitions) took n = 150 from 25 to 11 % but left n =
+300 at 19-20 % and cost a few points of power at n = 60: the idle controls'
+shares were as large as those of the weak real ones (the weight decay, width
+and depth). A random smooth function of the controls does not share the
+target's misfit either, so the proxy placebos do not see it. The audit
+carries *twin placebos* against such failures (:func:`cv_ridge_fit`,
 :func:`twin_columns`; ``mbe_helpers.audit``): a synthetic target and its
 twins, each the target's ridge fit (penalty chosen by the audit's grouped
 folds) plus permuted residuals, so all are conditionally independent copies
 of the target's shape. They do not make the metric's test hold its size;
-they gate its claims: a flagged group's claim stands only when the
-metric's statistic is beyond the twins' (see the audit's
-``_gate_claims_by_twins``). With the linear fit of the metric's ranks
-(``bench/twin_placebos.py``, 40 ledgers per cell, n = 60, 150, 300) they
-flagged 62.5, 90 and 100 % of the five-control additive ledgers and cut
-their claims from 10, 7.5 and 10 % to 7.5, 2.5 and 0 %, and left every
-signal's hit rate unchanged; chapter 05 measures them on the grid-shaped
-proxy. Withholding every claim of a flagged group instead cost the genuine
-increment of ``bench/bench_crossfit.py``'s grid its "survives": on a grid
-whose controls explain most of the target the twins, an exact copy of its
-fitted shape, reject almost always (199 of 200 there).
-A GCV fit instead of CV flagged the clustered null (twins 74 %), and twins
-tested against the real target carried its noise (25 % on the independent
-null).
+they gate its claims: a flagged group's claim stands only when the metric's
+statistic is beyond the twins' (see the audit's ``_gate_claims_by_twins``).
+With the linear fit of the metric's ranks (``bench/twin_placebos.py``, 40
+ledgers per cell, n = 60, 150, 300) they flagged 62.5, 90 and 100 % of the
+five-control additive ledgers and cut their claims from 10, 7.5 and 10 % to
+7.5, 2.5 and 0 %, and left every signal's hit rate unchanged; chapter 05
+measures them on the grid-shaped proxy. Withholding every claim of a flagged
+group instead cost the genuine increment of ``bench/bench_crossfit.py``'s
+grid its "survives": on a grid whose controls explain most of the target the
+twins, an exact copy of its fitted shape, rejected almost always (199 of 200
+there before the smooth block; 11 of 200 with it, whose fit has the shape). A GCV fit instead of CV flagged the clustered null (twins 74 %), and
+twins tested against the real target carried its noise (25 % on the
+independent null).
 
 Inside each training fold the complexity is chosen by generalised
 cross-validation: a grid of ridge penalties and a scale of the interaction
@@ -448,7 +445,7 @@ def _legendre(u: np.ndarray, degree: int) -> np.ndarray:
     return np.column_stack([p * np.sqrt(2 * k + 3) for k, p in enumerate(polys)])
 
 
-def _smooth_blocks(ranks: list, dummies: list, n: int) -> tuple[np.ndarray | None, int]:
+def _smooth_blocks(ranks: list, dummies: list, n: int) -> tuple[np.ndarray | None, int, int]:
     r"""The smooth block: cubic Legendre main effects of every numeric rank, then the one-hot
     columns, then the products of a rank's linear Legendre term with a category's one-hot
     columns and of two categories' one-hot columns (the product of two ranks is already in
