@@ -175,7 +175,9 @@ control, so the ones that do nothing dilute the fit; at n = 60 the smooth
 block has too few rows to enter. The plain audit calls it ``survives`` in 15
 of 40 ledgers at n = 60, and the twin placebos below do not see it (they
 reject about alpha: the twins' shape is the learner's own fit, which the
-learner fits), so they withhold none of those claims. Weighting each
+learner fits), so they withhold none of those claims; the audit withholds a
+claim made where the smooth block cannot enter instead
+(``mbe_helpers.audit._withhold_thin_claims``). Weighting each
 control's columns by its share of a first ridge fit of the target (one
 reweighting step, 100 repetitions) took n = 150 from 25 to 11 % but left n =
 300 at 19-20 % and cost a few points of power at n = 60: the idle controls'

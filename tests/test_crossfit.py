@@ -324,8 +324,9 @@ def test_a_proxy_through_five_controls_holds_the_size():
 
 @pytest.fixture
 def learner_without_smooth_block(monkeypatch):
-    """The learner before the smooth block: it misses the grid-shaped proxy at small n."""
-    monkeypatch.setattr(crossfit, "SMOOTH_ROWS_PER_COLUMN", 1e9)
+    """The learner before the smooth block (the block at weight 0, so no claim is withheld for
+    want of rows): it misses the grid-shaped proxy at small n."""
+    monkeypatch.setattr(crossfit, "_SMOOTH_WEIGHT", 0.0)
 
 
 def test_the_smooth_block_holds_the_size_on_a_grid_shaped_proxy():
@@ -351,20 +352,24 @@ def test_the_smooth_block_needs_two_rows_per_column():
     assert np.array_equal(columns[:, -1], columns[:, 0] * columns[:, 3])   # rank x level
 
 
-def test_a_claim_on_too_few_rows_for_the_smooth_block_is_marked_provisional():
+def test_a_claim_on_too_few_rows_for_the_smooth_block_is_withheld(monkeypatch):
     """A grid-shaped proxy beside three idle controls at n = 60 (bench/unseen_nulls.py's
-    grid_proxy_8: 56 %) passes as 'survives'; the note says the claim is provisional."""
+    grid_proxy_8: 56 %) passes the test; its claim is withheld, with the reason."""
     rng = np.random.default_rng([0, 60])
     frame = SCENARIOS["grid_proxy_5"].generate(rng, 60)
     frame["momentum"], frame["noise"] = rng.uniform(0, 1, 60), rng.uniform(0, 0.4, 60)
     frame["arch"] = rng.choice(["mlp", "cnn", "res"], 60)
     controls = ["lr", "wd", "width", "depth", "optimizer", "momentum", "noise", "arch"]
     thin = audit(frame, "metric", "target", controls, seed=0).table.iloc[0]
-    assert thin.classification in CLAIMS and thin.note.startswith("provisional: 60 rows for 8")
+    assert thin.classification == "inconclusive" and thin.adj_p < 0.05
+    assert "survives withheld: 60 rows for 8 controls" in thin.note
     assert "smooth block needs 82" in thin.note and "_thin" not in thin.index
+    monkeypatch.setattr(crossfit, "SMOOTH_ROWS_PER_COLUMN", 0.5)      # the block enters
+    entered = audit(frame, "metric", "target", controls, seed=0).table.iloc[0]
+    assert "withheld" not in entered.note
     rich = audit(SCENARIOS["genuine_increment"].generate(np.random.default_rng(0), 60),
                  "metric", "target", "b").table.iloc[0]
-    assert rich.classification == "survives" and "provisional" not in rich.note
+    assert rich.classification == "survives" and "withheld" not in rich.note
 
 
 def test_twin_placebos_withhold_the_claim_of_a_grid_shaped_proxy(learner_without_smooth_block):
