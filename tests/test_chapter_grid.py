@@ -59,6 +59,11 @@ def test_no_claim_when_the_placebos_fail() -> None:
     assert "100 % of the time" in grid.trust_sentence(withheld, twins, 0.05)
     assert "  " not in grid.trust_sentence(withheld, twins, 0.05)
     assert grid.trust_sentence(checks, ok, 0.05).endswith("can be trusted")
+    thin = {**twins, "thin_withheld": {"p": "60 rows for 8 controls, and the learner's smooth "
+                                            "block needs 82"}}
+    sentence = grid.trust_sentence(withheld, thin, 0.05)               # withheld for want of rows
+    assert "its claim was withheld (60 rows for 8 controls" in sentence
+    assert "did not beat them" not in sentence and "  " not in sentence
 
 
 def test_replication_story_branches() -> None:

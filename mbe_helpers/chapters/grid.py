@@ -626,14 +626,32 @@ def calibration_values(audits: Mapping[str, AuditResult], name: str = "both") ->
     """
     if name not in audits:
         return {"placebo_rate": float("nan"), "proxy_placebo_rate": float("nan"),
-                "twin_placebo_rate": float("nan"), "twins_flagged": False, "trustworthy": False}
+                "twin_placebo_rate": float("nan"), "twins_flagged": False, "trustworthy": False,
+                "thin_withheld": {}}
     result = audits[name]
     twins = _placebo_rows(result, "twin")
     return {"placebo_rate": _placebo_rate(result, "noise"),
             "proxy_placebo_rate": _placebo_rate(result, "proxy"),
             "twin_placebo_rate": _placebo_rate(result, "twin"),
             "twins_flagged": bool(len(twins) and (twins.lo > twins.alpha).any()),
-            "trustworthy": bool(result.trustworthy)}
+            "trustworthy": bool(result.trustworthy),
+            "thin_withheld": _thin_withheld(result.table)}
+
+
+def _thin_withheld(table: pd.DataFrame) -> dict[str, str]:
+    """Metric -> why its claim was withheld for want of rows (the audit's note), for each metric
+    whose cross-fitted claim the audit withheld because its smooth block could not enter.
+
+    Examples
+    --------
+    >>> note = ("survives withheld: 60 rows for 8 controls, and the learner's smooth block "
+    ...         "needs 82; without it ...")
+    >>> _thin_withheld(pd.DataFrame({"metric": ["m", "k"], "note": [note, ""]}))
+    {'m': "60 rows for 8 controls, and the learner's smooth block needs 82"}
+    """
+    found = table.note.str.extract(r"(\d+ rows for \d+ controls, and the learner's smooth "
+                                   r"block needs \d+)")[0]
+    return {m: why for m, why in zip(table.metric, found) if isinstance(why, str)}
 
 
 def calibration_table(audits: Mapping[str, AuditResult]) -> pd.DataFrame:
@@ -736,6 +754,13 @@ def trust_sentence(checks: pd.DataFrame, calibration: Mapping[str, Any], alpha: 
                 "adjustment is not trustworthy on this grid and no class below is claimed")
     if len(missed):
         r = missed.iloc[0]
+        thin = calibration.get("thin_withheld", {}).get(r.metric) if r.control == "positive" else None
+        if thin:                                          # withheld for want of rows
+            return (f"{rates}, within their Wilson intervals, but the positive control "
+                    f"({r.metric}) came out {r['class']}: its claim was withheld ({thin}, and "
+                    "without that block a grid-shaped proxy passes as information), so on this "
+                    "grid the audit cannot claim information beyond the controls, and a null "
+                    "result is not evidence")
         twins = calibration.get("twins_flagged") and r.control == "positive"
         twin_rate = f"{calibration.get('twin_placebo_rate', np.nan):.0%}".replace("%", " %")
         if twins and r.get("p", np.nan) < alpha:          # significant, but withheld by the twins
