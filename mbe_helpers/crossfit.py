@@ -177,31 +177,31 @@ of 40 ledgers at n = 60, and the twin placebos below do not see it (they
 reject about alpha: the twins' shape is the learner's own fit, which the
 learner fits), so they withhold none of those claims; the audit withholds a
 claim made where the smooth block cannot enter instead
-(``mbe_helpers.audit._withhold_thin_claims``). Weighting each
-control's columns by its share of a first ridge fit of the target (one
-reweighting step, 100 repetitions) took n = 150 from 25 to 11 % but left n =
-300 at 19-20 % and cost a few points of power at n = 60: the idle controls'
-shares were as large as those of the weak real ones (the weight decay, width
-and depth). A random smooth function of the controls does not share the
-target's misfit either, so the proxy placebos do not see it. The audit
-carries *twin placebos* against such failures (:func:`cv_ridge_fit`,
-:func:`twin_columns`; ``mbe_helpers.audit``): a synthetic target and its
-twins, each the target's ridge fit (penalty chosen by the audit's grouped
-folds) plus permuted residuals, so all are conditionally independent copies
-of the target's shape. They do not make the metric's test hold its size;
-they gate its claims: a flagged group's claim stands only when the metric's
-statistic is beyond the twins' (see the audit's ``_gate_claims_by_twins``).
-With the linear fit of the metric's ranks (``bench/twin_placebos.py``, 40
-ledgers per cell, n = 60, 150, 300) they flagged 62.5, 90 and 100 % of the
-five-control additive ledgers and cut their claims from 10, 7.5 and 10 % to
-7.5, 2.5 and 0 %, and left every signal's hit rate unchanged; chapter 05
-measures them on the grid-shaped proxy. Withholding every claim of a flagged
-group instead cost the genuine increment of ``bench/bench_crossfit.py``'s
-grid its "survives": on a grid whose controls explain most of the target the
-twins, an exact copy of its fitted shape, rejected almost always (199 of 200
-there before the smooth block; 11 of 200 with it, whose fit has the shape). A GCV fit instead of CV flagged the clustered null (twins 74 %), and
-twins tested against the real target carried its noise (25 % on the
-independent null).
+(``mbe_helpers.audit._withhold_thin_claims``). Weighting each control's
+columns by its share of a first ridge fit of the target (one reweighting
+step, 100 repetitions) took n = 150 from 25 to 11 % but left n = 300 at
+19-20 % and cost a few points of power at n = 60: the idle controls' shares
+were as large as those of the weak real ones (the weight decay, width and
+depth). A random smooth function of the controls does not share the target's
+misfit either, so the proxy placebos do not see it. The audit carries *twin
+placebos* against such failures (:func:`cv_ridge_fit`, :func:`twin_columns`;
+``mbe_helpers.audit``): a synthetic target and its twins, each the target's
+ridge fit (penalty chosen by the audit's grouped folds) plus permuted
+residuals, so all are conditionally independent copies of the target's
+shape. They do not make the metric's test hold its size; they gate its
+claims: a flagged group's claim stands only when the metric's statistic is
+beyond the twins' (see the audit's ``_gate_claims_by_twins``). With the
+linear fit of the metric's ranks (``bench/twin_placebos.py``, 40 ledgers per
+cell, n = 60, 150, 300) they flagged 62.5, 90 and 100 % of the five-control
+additive ledgers and cut their claims from 10, 7.5 and 10 % to 7.5, 2.5 and
+0 %, and left every signal's hit rate unchanged; chapter 05 measures them on
+the grid-shaped proxy. Withholding every claim of a flagged group instead
+cost the genuine increment of ``bench/bench_crossfit.py``'s grid its
+"survives": on a grid whose controls explain most of the target the twins,
+an exact copy of its fitted shape, rejected almost always (199 of 200 there
+before the smooth block; 11 of 200 with it, whose fit has the shape). A GCV
+fit instead of CV flagged the clustered null (twins 74 %), and twins tested
+against the real target carried its noise (25 % on the independent null).
 
 Inside each training fold the complexity is chosen by generalised
 cross-validation: a grid of ridge penalties and a scale of the interaction
@@ -439,6 +439,12 @@ def _onehot(values: np.ndarray) -> np.ndarray:
     return np.eye(len(levels))[codes][:, 1:]
 
 
+def _tensor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise tensor product of two feature blocks (n, p) and (n, q): every column of ``a``
+    times every column of ``b``, (n, p q)."""
+    return (a[:, :, None] * b[:, None, :]).reshape(len(a), -1)
+
+
 def _legendre(u: np.ndarray, degree: int) -> np.ndarray:
     r"""Legendre polynomials :math:`\sqrt{2k+1}\,P_k(2u - 1)`, k = 1..degree, of ranks ``u`` in
     (0, 1]: orthogonal with unit variance under a uniform ``u``."""
@@ -467,8 +473,8 @@ def _smooth_blocks(ranks: list, dummies: list, n: int) -> tuple[np.ndarray | Non
     """
     main = [_legendre(u, _SMOOTH_DEGREE) for u in ranks]
     low = [_legendre(u, 1) for u in ranks] + list(dummies)
-    pairs = [(a[:, :, None] * low[j][:, None, :]).reshape(n, -1)
-             for i, a in enumerate(low) for j in range(max(i + 1, len(ranks)), len(low))]
+    pairs = [_tensor(a, low[j]) for i, a in enumerate(low)
+             for j in range(max(i + 1, len(ranks)), len(low))]
     blocks = main + list(dummies) + pairs
     width = sum(b.shape[1] for b in blocks)
     if not width or n < SMOOTH_ROWS_PER_COLUMN * width:
@@ -527,8 +533,7 @@ def control_basis(numeric: np.ndarray | None = None,
             main.append(dummies)
             low.append(dummies)
             all_dummies.append(dummies)
-    pairs = [(a[:, :, None] * b[:, None, :]).reshape(n, -1)
-             for i, a in enumerate(low) for b in low[i + 1:]]
+    pairs = [_tensor(a, b) for i, a in enumerate(low) for b in low[i + 1:]]
     ranks = [stats.rankdata(c) / n for c, wide in zip(columns, kinds) if wide]
     centred = [np.sqrt(12.0) * (u - 0.5) for u in ranks]
     pairs += [3.0 * (a * b)[:, None] for i, a in enumerate(centred) for b in centred[i + 1:]]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from mbe_helpers import audit
 from mbe_helpers.chapters import grid
+from mbe_helpers.simulate import SCENARIOS
 
 
 def ledger(n: int = 300, seed: int = 0, shape: str = "u") -> pd.DataFrame:
@@ -64,6 +66,18 @@ def test_no_claim_when_the_placebos_fail() -> None:
     sentence = grid.trust_sentence(withheld, thin, 0.05)               # withheld for want of rows
     assert "its claim was withheld (60 rows for 8 controls" in sentence
     assert "did not beat them" not in sentence and "  " not in sentence
+
+
+def test_the_chapter_reads_the_audits_own_withholding_note() -> None:
+    """_thin_withheld parses the note that the audit writes when the smooth block cannot enter."""
+    rng = np.random.default_rng([0, 60])
+    frame = SCENARIOS["grid_proxy_5"].generate(rng, 60)
+    frame["momentum"], frame["noise"] = rng.uniform(0, 1, 60), rng.uniform(0, 0.4, 60)
+    frame["arch"] = rng.choice(["mlp", "cnn", "res"], 60)
+    controls = ["lr", "wd", "width", "depth", "optimizer", "momentum", "noise", "arch"]
+    result = audit(frame, "metric", "target", controls, seed=0)
+    assert grid._thin_withheld(result.table) == {
+        "metric": "60 rows for 8 controls, and the learner's smooth block needs 82"}
 
 
 def test_replication_story_branches() -> None:
