@@ -525,13 +525,22 @@ def _complete_rows(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
 
 def _build_design(frame: pd.DataFrame, metric: str, target: str,
                   controls: list[str]) -> _Design:
-    numeric = [c for c in controls if _is_numeric(frame[c])]
-    categorical = [c for c in controls if not _is_numeric(frame[c])]
-    onehot = _dummies(frame, categorical)
+    numeric, categorical = _split_controls(frame, controls)
     return _Design(metric=frame[metric].to_numpy(dtype=float),
                    target=frame[target].to_numpy(dtype=float),
-                   numeric=frame[numeric].to_numpy(dtype=float).reshape(len(frame), -1),
-                   onehot=onehot)
+                   numeric=_numeric_array(frame, numeric), onehot=_dummies(frame, categorical))
+
+
+def _split_controls(frame: pd.DataFrame, controls: list[str]) -> tuple[list[str], list[str]]:
+    """The numeric controls and the categorical ones, in the given order."""
+    numeric = [c for c in controls if _is_numeric(frame[c])]
+    return numeric, [c for c in controls if c not in numeric]
+
+
+def _numeric_array(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """(n, k) float array of ``columns``, column by column (no intermediate DataFrame)."""
+    return np.column_stack([frame[c].to_numpy(dtype=float) for c in columns]) if columns \
+        else np.empty((len(frame), 0))
 
 
 def _dummies(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -866,10 +875,10 @@ def _crossfit_problem(n: int, clusters: np.ndarray | None, folds: int, auto: boo
 
 
 def _control_arrays(frame: pd.DataFrame, controls: list[str]) -> tuple:
-    numeric = [c for c in controls if _is_numeric(frame[c])]
-    categorical = [c for c in controls if not _is_numeric(frame[c])]
-    return (frame[numeric].to_numpy(dtype=float) if numeric else None,
-            frame[categorical].astype(str).to_numpy() if categorical else None)
+    numeric, categorical = _split_controls(frame, controls)
+    return (_numeric_array(frame, numeric) if numeric else None,
+            np.column_stack([frame[c].astype(str).to_numpy() for c in categorical])
+            if categorical else None)
 
 
 def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str],

@@ -259,7 +259,7 @@ def test_claims_and_placebos_on_real_ledgers_are_reproducible() -> None:
 
 def test_twin_withholding_table_and_sentences() -> None:
     twins = chapter.twin_withholding(["grid_proxy_5", "genuine_increment"], 60, 3, 40, 0.05,
-                                     seed=0, workers=1)
+                                     seed=1, workers=1)       # seed 1: one of 3 null ledgers flagged
     assert list(twins.scenario) == ["grid_proxy_5", "genuine_increment"]
     assert list(twins.kind) == ["null", "signal"] and (twins.reps == 3).all()
     assert (twins.claims_checked <= twins.claims_plain).all()          # withholding only removes

@@ -325,8 +325,9 @@ def test_a_proxy_through_five_controls_holds_the_size():
 @pytest.fixture
 def learner_without_smooth_block(monkeypatch):
     """The learner before the smooth block (the block at weight 0, so no claim is withheld for
-    want of rows): it misses the grid-shaped proxy at small n."""
+    want of rows) and the targets' single index: it misses the grid-shaped proxy at small n."""
     monkeypatch.setattr(crossfit, "_SMOOTH_WEIGHT", 0.0)
+    monkeypatch.setattr(crossfit, "_index_design", lambda basis: None)
 
 
 def test_the_smooth_block_holds_the_size_on_a_grid_shaped_proxy():
