@@ -833,7 +833,8 @@ def _index_design(basis: ControlBasis) -> np.ndarray | None:
     return np.hstack([basis.smooth, *pairs])
 
 
-def _single_index(design: np.ndarray, train: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _single_index(design: np.ndarray, train: np.ndarray, y: np.ndarray,
+                  factors: tuple | None = None) -> np.ndarray:
     r"""Columns of a target's single index on one fold: ``(n, 1 + 8)``.
 
     The index :math:`\hat s = D\hat\beta` is the ridge fit (penalty chosen by
@@ -843,7 +844,8 @@ def _single_index(design: np.ndarray, train: np.ndarray, y: np.ndarray) -> np.nd
     :math:`\hat s` among the training rows and 8 hinges :math:`3\,(u -
     \kappa)_+`, times :data:`_INDEX_WEIGHT`. A response that is a monotone
     function of a smooth index of the controls (an accuracy of a training
-    grid's skill) is then one smooth function of one column.
+    grid's skill) is then one smooth function of one column. ``factors`` are
+    :func:`_index_factors` of the fold (computed here when not given).
 
     Examples
     --------
@@ -853,14 +855,10 @@ def _single_index(design: np.ndarray, train: np.ndarray, y: np.ndarray) -> np.nd
     >>> _single_index(_index_design(basis), np.arange(100) >= 20, np.exp(u)).shape
     (100, 9)
     """
+    mean, eigenvalues, v, xc = factors or _index_factors(design, train)
     n_train = int(train.sum())
     z = special.ndtri(column_ranks(y[train]) / (n_train + 1))
-    x = design[train]
-    mean = x.mean(axis=0)
-    xc, zc = x - mean, z - z.mean()
-    eigenvalues, v = _eigh(xc.T @ xc)
-    keep = eigenvalues > max(eigenvalues.max(), 0) * 1e-10
-    eigenvalues, v = eigenvalues[keep], v[:, keep]
+    zc = z - z.mean()
     a = v.T @ (xc.T @ zc)
     lam = _PENALTIES[:, None] * eigenvalues.mean()                      # (L, 1)
     shrink = eigenvalues / (eigenvalues + lam)
@@ -871,6 +869,17 @@ def _single_index(design: np.ndarray, train: np.ndarray, y: np.ndarray) -> np.nd
     u = np.searchsorted(np.sort(index[train]), index, side="right") / n_train
     cuts = np.linspace(0.0, 1.0, _INDEX_HINGES + 2)[1:-1]
     return _INDEX_WEIGHT * np.column_stack([u, 3.0 * np.maximum(u[:, None] - cuts, 0.0)])
+
+
+def _index_factors(design: np.ndarray, train: np.ndarray) -> tuple:
+    """``(mean, eigenvalues, eigenvectors, centred rows)`` of the index design on the training
+    rows: the part of :func:`_single_index` that every target of a fold shares."""
+    x = design[train]
+    mean = x.mean(axis=0)
+    xc = x - mean
+    eigenvalues, v = _eigh(xc.T @ xc)
+    keep = eigenvalues > max(eigenvalues.max(), 0) * 1e-10
+    return mean, eigenvalues[keep], v[:, keep], xc
 
 
 def _index_ridge(spectrum, columns: np.ndarray, test: np.ndarray, train: np.ndarray,
@@ -990,8 +999,6 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
     for fold in np.unique(folds):
         test, train = folds == fold, folds != fold
         steps = _step_columns(basis, train, ranked[:, anchor]) if has_steps else None
-        indices = {} if design is None else {j: _single_index(design, train, ranked[:, j])
-                                             for j in targets}
         best_pred, best_score, best_fits, best_dof = None, None, None, None
         values = fitted[train]
         mean_y = values.mean(axis=0)
@@ -1005,11 +1012,10 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
                 spectrum, mean_y, centred, total, int(test.sum()))
             fold_dof = fold_dof.copy()
             fits = {j: _kept_fit(basis, test, train, spectrum, weights[j]) for j in kept}
-            if scale and indices and spectrum.d is not None:    # the targets' single index
-                for j, columns in indices.items():
-                    pred[:, j], score[j], fold_dof[j], index_fit = _index_ridge(
-                        spectrum, columns, test, train, mean_y[j], centred[:, j], total[j],
-                        basis.rows)
+            if scale and design is not None and spectrum.d is not None:   # the targets' index
+                for j in targets:
+                    pred[:, j], score[j], fold_dof[j], index_fit = _target_index_fit(
+                        basis, spectrum, design, test, train, ranked[:, j])
                     fits[j] = index_fit
             if best_pred is None:
                 best_pred, best_score, best_dof = pred, score, fold_dof
@@ -1031,6 +1037,23 @@ def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.nda
         return out
     fits = [KeptFits(ops, dof) for ops in operators]
     return out, (fits[0] if np.ndim(keep) == 0 else fits)
+
+
+def _target_index_fit(basis: ControlBasis, spectrum, design: np.ndarray, test: np.ndarray,
+                      train: np.ndarray, y: np.ndarray) -> tuple:
+    """:func:`_index_ridge` of the target ``y`` (its ranks / n) with its single index on this
+    fold, cached on ``basis`` under the digest of its training values: every metric audited
+    against this target (and the placebos) shares the fit and its lazily built projections."""
+    key = ("index", train.tobytes(), id(spectrum), hashlib.blake2b(y[train].tobytes()).digest())
+    if key not in basis.fits:
+        shared = ("index factors", train.tobytes())
+        if shared not in basis.fits:
+            basis.fits[shared] = _index_factors(design, train)
+        centred = y[train] - y[train].mean()
+        basis.fits[key] = _index_ridge(spectrum, _single_index(design, train, y, basis.fits[shared]),
+                                       test, train, y[train].mean(), centred, centred @ centred,
+                                       basis.rows)
+    return basis.fits[key]
 
 
 def _kept_fit(basis: ControlBasis, test: np.ndarray, train: np.ndarray, spectrum,
