@@ -177,25 +177,31 @@ Monte Carlo error, and the Monte Carlo takes 9-16 % longer.
 Why the single index. The same grid beside three controls that do nothing
 (``grid_proxy_8`` of ``bench/unseen_nulls.py``: eight controls, chapter 2's
 shape) went through 56, 28, 17 and 16 % of the time at n = 60, 150, 300 and
-1000 with the smooth block alone (200 repetitions). Ridge spreads one
-penalty over every control, so the idle ones dilute the fit: the target's
-out-of-fold R^2 at n = 300 fell from 0.44 (five controls) to 0.29, while
-with the true skill of the grid as a ninth control it was back at 0.44 and
-the size at 2 % (60 repetitions). The target is a monotone function of one
-smooth index of the controls, and the index lies in the smooth block's span,
-so a ridge of the target's normal scores on that small block estimates it
-well even beside idle controls, and a handful of hinges of it fit the
-monotone function. Seed 3, 100 repetitions, every scenario of
+1000 with the smooth block alone (held-out seed 21, 200 repetitions). Ridge
+spreads one penalty over every control, so the idle ones dilute the fit: the
+target's out-of-fold R^2 at n = 300 fell from 0.44 (five controls) to 0.29,
+while with the true skill of the grid as a ninth control it was back at 0.44
+and the size at 2 % (60 repetitions). The target is a monotone function of
+one smooth index of the controls, and the index lies in the smooth block's
+span, so a ridge of the target's normal scores on that small block
+estimates it well even beside idle controls, and a handful of hinges of it
+fit the monotone function. With the index (same seed and repetitions): 56,
+8, 8.5 and 10 %; ``grid_proxy_5`` 4, 8, 8 and 4 % (was 8, 9, 8.5, 10);
+``additive_proxy_5`` 7, 7, 3, 2.5 % (was 9, 6, 3.5, 3). n = 60 is
+unchanged: there the smooth block has too few rows to enter, and the audit
+withholds the claims (below). Over every scenario of
 :mod:`mbe_helpers.simulate`, ``bench/unseen_nulls.py`` and
-``bench/weak_signals.py``: ``grid_proxy_8`` went from 58, 25, 18 and 18 % to
-58, 8, 12 and 7 % (n = 60 is unchanged: there the smooth block has too few
-rows to enter, and the audit withholds the claims, see below); every other
-size and power moved within Monte Carlo error; the Monte Carlo takes 19 %
-longer. Tried and not kept: the index's columns in the shared basis (the
-metrics' fits too): 58, 46, 34 and 17 %, worse than without, because a
-metric's fit then carries the target's training noise, and the two fits'
-errors correlate under the null whatever their bias; the index in both fits
-of the target (main effects and with interactions): 58, 13, 13, 11 %.
+``bench/weak_signals.py`` (seed 3, 100 repetitions) every other size and
+power moved within Monte Carlo error; chapter 05's Monte Carlo took 347 s of
+worker time against 317 s before (reading the controls without an
+intermediate DataFrame paid for part of it). Tried and not kept: the
+index's columns in the shared basis, i.e. in the metrics' fits too (58, 46,
+34 and 17 %, worse than without: a metric's fit then carries the target's
+training noise, and the two fits' errors correlate under the null whatever
+their bias); the index in both of the target's candidate fits, main effects
+and with interactions (58, 13, 13, 11 %); the whole smooth block, with the
+bilinear products of the numeric ranks, in the main-effects fit (58, 11, 22,
+17 %).
 
 At n = 60 the smooth block has too few rows to enter with eight controls.
 There the plain audit calls ``grid_proxy_8`` ``survives`` in 15 of 40

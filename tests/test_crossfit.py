@@ -1,5 +1,7 @@
 """The calibrated audit: cross-fitted adjustment, evidence classes, placebos, honest intervals."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pingouin as pg
@@ -351,6 +353,67 @@ def test_the_smooth_block_needs_two_rows_per_column():
     columns = crossfit._smooth_blocks([u], [np.eye(2)[np.arange(60) % 2][:, 1:]], 60)[0]
     assert np.allclose(columns.std(axis=0)[:3], 1, atol=0.05)         # unit-variance Legendre
     assert np.array_equal(columns[:, -1], columns[:, 0] * columns[:, 3])   # rank x level
+
+
+def grid_beside_idle_controls(rng, n):
+    """bench/unseen_nulls.py's grid_proxy_8: grid_proxy_5 beside three controls that do nothing."""
+    frame = SCENARIOS["grid_proxy_5"].generate(rng, n)
+    frame["momentum"], frame["noise"] = rng.uniform(0, 1, n), rng.uniform(0, 0.4, n)
+    frame["arch"] = rng.choice(["mlp", "cnn", "res"], n)
+    return frame
+
+
+IDLE_GRID = ("lr", "wd", "width", "depth", "optimizer", "momentum", "noise", "arch")
+
+
+def test_the_single_index_holds_the_size_beside_idle_controls():
+    """grid_proxy_8 at n = 150: 25-28 % with one ridge penalty over every control, 8 % with the
+    target's single index (bench/unseen_nulls.py, 200 repetitions; here 2 of 30, 7 without it)."""
+    scenario = SCENARIOS["grid_proxy_5"]
+    rejections = 0
+    for rep in range(30):
+        rng = np.random.default_rng([2026, 150, rep])
+        frame = grid_beside_idle_controls(rng, 150)
+        rejections += crossfit_test(frame, replace(scenario, controls=IDLE_GRID), rng).p < 0.05
+    assert rejections <= 5
+
+
+def test_the_index_ridge_is_the_ridge_on_the_basis_and_the_index_columns(monkeypatch):
+    """Woodbury through the fold's spectrum gives the ridge of [X, Z] (prediction and df), and
+    its fold fit reproduces the residuals, as a full and as a compact projection."""
+    rng = np.random.default_rng(0)
+    x, z, y = rng.normal(size=(80, 30)), rng.normal(size=(80, 4)), rng.normal(size=80)
+    train = np.arange(80) < 60
+    mean = x[train].mean(axis=0)
+    spectrum = crossfit._Spectrum(mean, *crossfit._distinct_spectrum(x[train], mean, x[~train],
+                                                                     None))
+    yc = y[train] - y[train].mean()
+    joint = np.hstack([x - mean, z - z[train].mean(axis=0)])
+    for penalty in (1e-3, 0.3, 30.0):            # one penalty, used as it is
+        monkeypatch.setattr(crossfit, "_PENALTIES", np.array([penalty]))
+        monkeypatch.setattr(crossfit, "UNDERSMOOTH", 1.0)
+        prediction, _, dof, _ = crossfit._index_ridge(spectrum, z, ~train, train, y[train].mean(),
+                                                      yc, yc @ yc, None)
+        lam = penalty * np.mean(spectrum.d ** 2)
+        inverse = np.linalg.inv(joint[train].T @ joint[train] + lam * np.eye(34))
+        assert np.allclose(joint[~train] @ inverse @ joint[train].T @ yc + y[train].mean(),
+                           prediction)
+        assert np.isclose(dof, np.trace(joint[train] @ inverse @ joint[train].T) + 1)
+    monkeypatch.undo()
+    frame = grid_beside_idle_controls(np.random.default_rng(1), 60)
+    frame = frame.loc[frame.index.repeat(3)].reset_index(drop=True)     # three seeds per row
+    numeric, categorical = frame[["lr", "wd", "width", "depth"]].to_numpy(), frame[["optimizer"]].to_numpy()
+    basis = crossfit.control_basis(numeric, categorical)
+    folds = crossfit.fold_ids(180, 5, 0, clusters=np.repeat(np.arange(60), 3))
+    responses = frame[["target", "metric"]].to_numpy(float)
+    e, kept = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
+    assert all(isinstance(f, crossfit._IndexFoldFit) for f in kept.folds)
+    assert np.allclose(crossfit.refit_residuals(kept, crossfit.column_ranks(responses[:, :1]) / 180),
+                       e[:, :1])
+    for fold in kept.folds:
+        p_u, sums, codes = fold.compact
+        v = rng.normal(size=(180, 2))
+        assert np.allclose(fold.projection @ v[fold.train], (p_u @ (sums @ v))[codes])
 
 
 def test_a_claim_on_too_few_rows_for_the_smooth_block_is_withheld(monkeypatch):
