@@ -635,6 +635,11 @@ class _Spectrum:
         a = self.left.T @ (y if self.pool is None else self.pool @ y)
         return a if self.right is None else self.right.T @ a
 
+    def expand(self, w: np.ndarray) -> np.ndarray:
+        r""":math:`U w` over the training rows for ``w`` (r, k): the transpose of :meth:`project`."""
+        small = self.left @ (w if self.right is None else self.right @ w)
+        return small if self.pool is None else self.pool.T @ small
+
 
 def _spectrum(x: np.ndarray, test: np.ndarray) -> tuple:
     r"""``(left, right, d, test_v)`` of the centred training basis ``x`` (see :class:`_Spectrum`).
@@ -840,7 +845,7 @@ def _index_design(basis: ControlBasis) -> np.ndarray | None:
 
 
 def _single_index(design: np.ndarray, train: np.ndarray, y: np.ndarray,
-                  factors: tuple | None = None) -> np.ndarray:
+                  shared: "_Spectrum | None" = None) -> np.ndarray:
     r"""Columns of a target's single index on one fold: ``(n, 1 + 8)``.
 
     The index :math:`\hat s = D\hat\beta` is the ridge fit (penalty chosen by
@@ -850,8 +855,8 @@ def _single_index(design: np.ndarray, train: np.ndarray, y: np.ndarray,
     :math:`\hat s` among the training rows and 8 hinges :math:`3\,(u -
     \kappa)_+`, times :data:`_INDEX_WEIGHT`. A response that is a monotone
     function of a smooth index of the controls (an accuracy of a training
-    grid's skill) is then one smooth function of one column. ``factors`` are
-    :func:`_index_factors` of the fold (computed here when not given).
+    grid's skill) is then one smooth function of one column. ``shared`` is
+    :func:`_index_spectrum` of the fold (computed here when not given).
 
     Examples
     --------
@@ -861,33 +866,24 @@ def _single_index(design: np.ndarray, train: np.ndarray, y: np.ndarray,
     >>> _single_index(_index_design(basis), np.arange(100) >= 20, np.exp(u)).shape
     (100, 9)
     """
-    mean, eigenvalues, v, xc = factors or _index_factors(design, train)
+    spectrum = shared or _index_spectrum(design, train)
     n_train = int(train.sum())
-    if not eigenvalues.size:                            # the design is constant on these rows
+    if spectrum.d is None:                              # the design is constant on these rows
         return np.zeros((len(design), 1 + _INDEX_HINGES))
-    z = special.ndtri(column_ranks(y[train]) / (n_train + 1))
+    z = special.ndtri(column_ranks(y[train]) / (n_train + 1))[:, None]
     zc = z - z.mean()
-    a = v.T @ (xc.T @ zc)
-    lam = _PENALTIES[:, None] * eigenvalues.mean()                      # (L, 1)
-    shrink = eigenvalues / (eigenvalues + lam)
-    rss = zc @ zc - ((2 * shrink - shrink**2) * a**2 / eigenvalues).sum(axis=1)
-    dof = shrink.sum(axis=1) + 1.0
-    best = np.argmin(n_train * np.maximum(rss, 0) / np.maximum(n_train - dof, 0.5) ** 2)
-    index = (design - mean) @ (v @ (a / (eigenvalues + lam[best] / UNDERSMOOTH)))
-    u = np.searchsorted(np.sort(index[train]), index, side="right") / n_train
+    index = _ridge_gcv_predict(spectrum, z.mean(axis=0), zc, (zc**2).sum(axis=0), len(design))[0]
+    u = np.searchsorted(np.sort(index[train, 0]), index[:, 0], side="right") / n_train
     cuts = np.linspace(0.0, 1.0, _INDEX_HINGES + 2)[1:-1]
     return _INDEX_WEIGHT * np.column_stack([u, 3.0 * np.maximum(u[:, None] - cuts, 0.0)])
 
 
-def _index_factors(design: np.ndarray, train: np.ndarray) -> tuple:
-    """``(mean, eigenvalues, eigenvectors, centred rows)`` of the index design on the training
-    rows: the part of :func:`_single_index` that every target of a fold shares."""
-    x = design[train]
-    mean = x.mean(axis=0)
-    xc = x - mean
-    eigenvalues, v = _eigh(xc.T @ xc)
-    keep = eigenvalues > max(eigenvalues.max(), 0) * 1e-10
-    return mean, eigenvalues[keep], v[:, keep], xc
+def _index_spectrum(design: np.ndarray, train: np.ndarray) -> _Spectrum:
+    """The :class:`_Spectrum` of the index design's training rows, with every row as a test
+    row: the part of :func:`_single_index` that every target of a fold shares."""
+    mean = design[train].mean(axis=0)
+    left, right, d, test_v = _spectrum(design[train] - mean, design - mean)
+    return _Spectrum(mean, left, right, d, test_v) if d.size else _Spectrum(mean, *[None] * 4)
 
 
 def _index_ridge(spectrum, columns: np.ndarray, test: np.ndarray, train: np.ndarray,
@@ -936,12 +932,6 @@ def _index_ridge(spectrum, columns: np.ndarray, test: np.ndarray, train: np.ndar
     trace_used = s_u.sum() + (n - len(d)) / used - np.trace(np.linalg.solve(m_u, inside_u))
     fit = _IndexFoldFit(_FoldFit(test, train, spectrum, d * s_u, rows), z, z_test, b, m_u, used)
     return prediction, gcv[best], n - used * trace_used + 1.0, fit
-
-
-def _times_u(spectrum, w: np.ndarray) -> np.ndarray:
-    """:math:`U w` for the fold's training rows (n_train, k), from the spectrum's factors."""
-    small = spectrum.left @ (w if spectrum.right is None else spectrum.right @ w)
-    return small if spectrum.pool is None else spectrum.pool.T @ small
 
 
 def crossfit_residuals(basis: ControlBasis, responses: np.ndarray, folds: np.ndarray,
@@ -1054,13 +1044,13 @@ def _target_index_fit(basis: ControlBasis, spectrum, design: np.ndarray, test: n
     against this target (and the placebos) shares the fit and its lazily built projections."""
     key = ("index", train.tobytes(), id(spectrum), hashlib.blake2b(y[train].tobytes()).digest())
     if key not in basis.fits:
-        shared = ("index factors", train.tobytes())
-        if shared not in basis.fits:
-            basis.fits[shared] = _index_factors(design, train)
+        design_key = ("index spectrum", train.tobytes())
+        if design_key not in basis.fits:
+            basis.fits[design_key] = _index_spectrum(design, train)
         centred = y[train] - y[train].mean()
-        basis.fits[key] = _index_ridge(spectrum, _single_index(design, train, y, basis.fits[shared]),
-                                       test, train, y[train].mean(), centred, centred @ centred,
-                                       basis.rows)
+        index = _single_index(design, train, y, basis.fits[design_key])
+        basis.fits[key] = _index_ridge(spectrum, index, test, train, y[train].mean(), centred,
+                                       centred @ centred, basis.rows)
     return basis.fits[key]
 
 
@@ -1157,7 +1147,7 @@ class _IndexFoldFit:
 
     @functools.cached_property
     def _right(self) -> np.ndarray:
-        return (_times_u(self._plain._spectrum, self._w) + self._z / self._penalty).T
+        return (self._plain._spectrum.expand(self._w) + self._z / self._penalty).T
 
     @functools.cached_property
     def projection(self) -> np.ndarray:

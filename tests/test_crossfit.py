@@ -402,8 +402,8 @@ def test_the_index_ridge_is_the_ridge_on_the_basis_and_the_index_columns(monkeyp
     monkeypatch.undo()
     frame = grid_beside_idle_controls(np.random.default_rng(1), 60)
     frame = frame.loc[frame.index.repeat(3)].reset_index(drop=True)     # three seeds per row
-    numeric, categorical = frame[["lr", "wd", "width", "depth"]].to_numpy(), frame[["optimizer"]].to_numpy()
-    basis = crossfit.control_basis(numeric, categorical)
+    basis = crossfit.control_basis(frame[["lr", "wd", "width", "depth"]].to_numpy(),
+                                   frame[["optimizer"]].to_numpy())
     folds = crossfit.fold_ids(180, 5, 0, clusters=np.repeat(np.arange(60), 3))
     responses = frame[["target", "metric"]].to_numpy(float)
     e, kept = crossfit.crossfit_residuals(basis, responses, folds, keep=0)
