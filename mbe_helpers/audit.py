@@ -177,7 +177,10 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
 
     The note of an inconclusive row says what would settle it: the smallest
     effect detectable with 80 % power at this ``n`` (Fisher z) and the rows
-    needed for the observed one. Given the row's own ``adjusted_p``, a row
+    needed for the observed one, both scaled by how much wider the row's own
+    interval is than Fisher z at ``n`` (:func:`_interval_inflation`; the
+    plain formula asked for fewer rows than the ones that had just failed).
+    Given the row's own ``adjusted_p``, a row
     that is significant alone but not after the table's FDR is told so
     instead (more rows would not be what it lacks).
 
@@ -194,6 +197,7 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
     claimed = classify(raw, adjusted, effect, washout)
     if claimed in ("insufficient-data", "weak-or-mixed"):
         return claimed, ""
+    inflation = _interval_inflation(lo90, hi90, n)
     raw_ok = bool(raw_p < alpha)
     if claimed == "washout":
         if raw_ok and -washout < lo90 and hi90 < washout:
@@ -201,7 +205,8 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
         need = ("the raw association is not significant" if not raw_ok else
                 f"the adjusted 90 % interval [{lo90:+.2f}, {hi90:+.2f}] is not inside "
                 f"±{washout:.2f}")
-        return "inconclusive", f"washout not shown: {need}; {_rows_for_band(adjusted, washout, alpha)}"
+        return "inconclusive", (f"washout not shown: {need}; "
+                                f"{_rows_for_band(adjusted, washout, alpha, inflation)}")
     adjusted_ok = bool(adjusted_q < alpha)
     beyond_band = bool(lo90 > washout if adjusted > 0 else hi90 < -washout)
     raw_missing = not raw_ok and claimed not in ("survives", "hidden-after-control")
@@ -210,7 +215,7 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
     if adjusted_ok and not beyond_band:
         return "inconclusive", (f"{claimed} not shown: the adjusted 90 % interval [{lo90:+.2f}, "
                                 f"{hi90:+.2f}] reaches into the washout band ±{washout:.2f}; "
-                                f"{_rows_beyond_band(adjusted, washout, alpha)}")
+                                f"{_rows_beyond_band(adjusted, washout, alpha, inflation)}")
     if not adjusted_ok and adjusted_p < alpha:
         reasons = [f"the adjusted association is significant alone (p = {adjusted_p:.3g}) but "
                    f"not after the false discovery rate over the table's metrics "
@@ -222,36 +227,79 @@ def classify_with_evidence(raw: float, raw_p: float, adjusted: float, adjusted_q
             reasons.append("the raw association is not significant")
         return "inconclusive", f"{claimed} not shown: " + "; ".join(reasons)
     missing = "the adjusted association" if not adjusted_ok else "the raw association"
-    mde = crossfit.minimum_detectable_r(n, alpha) if n > 3 else float("nan")
-    needed = f"{crossfit.rows_to_detect(adjusted, alpha):,}" if 0 < abs(adjusted) < 1 else "many"
+    mde = (float(np.tanh(np.arctanh(crossfit.minimum_detectable_r(n, alpha)) * inflation))
+           if n > 3 else float("nan"))
+    needed = (f"{_inflated_rows(crossfit.rows_to_detect(adjusted, alpha), inflation):,}"
+              if 0 < abs(adjusted) < 1 else "many")
     return "inconclusive", (f"{claimed} not shown: {missing} is not significant; at n = {n} the "
                             f"smallest |rho| detectable with 80 % power is {mde:.2f}, and "
                             f"|rho| = {abs(adjusted):.2f} would need about {needed} rows")
 
 
-def _rows_for_band(adjusted: float, washout: float, alpha: float) -> str:
-    """How many rows a TOST needs to put an estimate inside the washout band."""
+def _interval_inflation(lo90: float, hi90: float, n: int) -> float:
+    r"""How much wider the row's 90 % interval is, on the Fisher-z scale, than the plain
+    Fisher-z interval at ``n`` rows: :math:`f = \frac{\operatorname{atanh} h -
+    \operatorname{atanh} l}{2 z_{0.95}} \sqrt{n - 3}`, at least 1 (1 without an interval).
+
+    The rows a note asks for scale with :math:`f^2` (:func:`_inflated_rows`): the adjusted
+    estimate spends degrees of freedom on the controls and the cross-fit, so the plain formula
+    would name fewer rows than the ones that just failed to show the effect.
+
+    Examples
+    --------
+    >>> round(_interval_inflation(0.0, 0.5, 60), 2)
+    1.26
+    >>> _interval_inflation(float("nan"), float("nan"), 60)
+    1.0
+    """
+    half = (np.arctanh(np.clip(hi90, -0.999999, 0.999999))
+            - np.arctanh(np.clip(lo90, -0.999999, 0.999999))) / (2 * stats.norm.ppf(0.95))
+    if not np.isfinite(half) or n <= 3:
+        return 1.0
+    return float(max(half * np.sqrt(n - 3), 1.0))
+
+
+def _inflated_rows(rows: float, inflation: float) -> int:
+    """Rows of the plain Fisher-z formula (``rows - 3`` degrees of freedom) scaled by the
+    variance inflation ``inflation**2`` of :func:`_interval_inflation`.
+
+    Examples
+    --------
+    >>> _inflated_rows(55, 2.0)
+    211
+    """
+    return int(np.ceil((rows - 3) * inflation**2 + 3))
+
+
+def _rows_for_band(adjusted: float, washout: float, alpha: float, inflation: float = 1.0) -> str:
+    """How many rows a TOST needs to put an estimate inside the washout band (scaled by the
+    row's ``inflation``, :func:`_interval_inflation`)."""
     gap = washout - abs(adjusted)
     if not np.isfinite(gap) or gap <= 0:
         return f"the adjusted estimate {adjusted:+.2f} is itself outside ±{washout:.2f}"
-    rows = int(np.ceil((stats.norm.ppf(1 - alpha) / np.arctanh(gap)) ** 2 + 3))
+    rows = _inflated_rows((stats.norm.ppf(1 - alpha) / np.arctanh(gap)) ** 2 + 3, inflation)
     return f"about {rows:,} rows would show it"
 
 
-def _rows_beyond_band(adjusted: float, washout: float, alpha: float, power: float = 0.8) -> str:
+def _rows_beyond_band(adjusted: float, washout: float, alpha: float, inflation: float = 1.0,
+                      power: float = 0.8) -> str:
     r"""Rows a one-sided test at ``alpha`` needs to put an estimate beyond the washout band
-    with ``power``: :math:`n = ((z_{1-\alpha} + z_{\text{power}}) /
-    (\operatorname{atanh}|r| - \operatorname{atanh} w))^2 + 3`.
+    with ``power``: :math:`n = f^2 ((z_{1-\alpha} + z_{\text{power}}) /
+    (\operatorname{atanh}|r| - \operatorname{atanh} w))^2 + 3`, with the row's interval
+    inflation :math:`f` (:func:`_interval_inflation`).
 
     Examples
     --------
     >>> _rows_beyond_band(0.3, 0.1, 0.05)
     'about 145 rows would show it with 80 % power'
+    >>> _rows_beyond_band(0.3, 0.1, 0.05, inflation=2.0)
+    'about 569 rows would show it with 80 % power'
     """
     gap = np.arctanh(min(abs(adjusted), 0.999999)) - np.arctanh(washout)
     if not np.isfinite(gap) or gap <= 0:
         return f"the adjusted estimate {adjusted:+.2f} is itself inside ±{washout:.2f}"
-    rows = int(np.ceil(((stats.norm.ppf(1 - alpha) + stats.norm.ppf(power)) / gap) ** 2 + 3))
+    rows = _inflated_rows(((stats.norm.ppf(1 - alpha) + stats.norm.ppf(power)) / gap) ** 2 + 3,
+                          inflation)
     return f"about {rows:,} rows would show it with {power * 100:.0f} % power"
 
 

@@ -1,5 +1,6 @@
 """The calibrated audit: cross-fitted adjustment, evidence classes, placebos, honest intervals."""
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from mbe_helpers import MBEInputError, audit
 from mbe_helpers import crossfit
-from mbe_helpers.audit import CLAIMS, classify_with_evidence, wilson_interval
+from mbe_helpers.audit import CLAIMS, _fisher_interval, classify_with_evidence, wilson_interval
 from mbe_helpers.simulate import SCENARIOS, crossfit_test
 
 
@@ -129,8 +130,23 @@ def test_evidence_rules(args, expected):
 
 
 def test_inconclusive_note_names_the_detectable_effect():
+    # the 90 % interval [0.0, 0.5] is 1.26 times as wide (Fisher z) as the plain one at n = 60,
+    # so the detectable effect is tanh(1.26 atanh 0.35) = 0.44, not the plain formula's 0.35
     cls, note = classify_with_evidence(0.1, 0.4, 0.25, 0.08, 0.0, 0.5, 60)
-    assert cls == "inconclusive" and "smallest |rho| detectable with 80 % power is 0.35" in note
+    assert cls == "inconclusive" and "smallest |rho| detectable with 80 % power is 0.44" in note
+    cls, note = classify_with_evidence(0.1, 0.4, 0.25, 0.08, *_fisher_interval(0.25, 57, 0.9), 60)
+    assert "smallest |rho| detectable with 80 % power is 0.35" in note
+
+
+@pytest.mark.parametrize("adjusted, q, lo90, hi90", [(0.37, 0.084, -0.12, 0.72),
+                                                       (0.3, 0.084, 0.02, 0.7),
+                                                       (0.45, 0.01, 0.05, 0.72)])
+def test_the_rows_a_note_asks_for_exceed_the_rows_that_failed(adjusted, q, lo90, hi90):
+    # a crossfit interval at n = 60 (8 controls) is far wider than Fisher z at 60 rows: a note
+    # must never ask for fewer rows than the ones that just failed to show the effect
+    _, note = classify_with_evidence(0.6, 1e-6, adjusted, q, lo90, hi90, 60, adjusted_p=q)
+    rows = int(re.search(r"about ([\d,]+) rows", note).group(1).replace(",", ""))
+    assert rows > 60, note
 
 
 def test_a_row_significant_alone_is_told_it_fails_the_fdr_not_the_rows():
