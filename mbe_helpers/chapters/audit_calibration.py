@@ -793,10 +793,9 @@ def twin_values(twins: pd.DataFrame, calibration: pd.DataFrame | None = None,
     Keys: ``twin_n, twin_reps, twin_placebos``; per row kind ``k`` in (null,
     signal): ``twin_scenario_k, twin_plain_k, twin_checked_k, twin_flag_k``
     ('–' where no such scenario was run); ``twin_sentence``; and
-    ``twin_size_null``, the crossfit size of the null at ``twin_n`` in
-    ``calibration`` (the size table; '–' where that cell was not run), and
-    ``twin_size_sentence``, which says whether that size lies above alpha
-    (its Wilson interval above ``alpha``: the learner misses this shape).
+    ``twin_size_sentence``, the crossfit size of the null at ``twin_n`` in
+    ``calibration`` (the size table) and whether it lies above alpha (its
+    Wilson interval above ``alpha``: the learner misses this shape).
 
     Examples
     --------
@@ -828,13 +827,11 @@ def twin_values(twins: pd.DataFrame, calibration: pd.DataFrame | None = None,
         sentence += (f" and the hit rate on {signal.scenario} "
                      f"{_moved(signal.claims_plain, signal.claims_checked)}")
     values["twin_sentence"] = sentence
-    values["twin_size_null"] = "–"
     values["twin_size_sentence"] = "this null was not in the size table of this run"
     if calibration is not None and null is not None:
         cell = calibration[(calibration.scenario == null.scenario) & (calibration.method == "crossfit")
                            & (calibration.n == values["twin_n"])]
         if len(cell):
-            values["twin_size_null"] = pct(float(cell.rate.iloc[0]))
             values["twin_size_sentence"] = _twin_size_sentence(cell.iloc[0], alpha)
     return values
 
