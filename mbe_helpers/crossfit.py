@@ -245,7 +245,13 @@ that is what keeps the audit's self-calibration cheap. A grid repeats each
 configuration over seeds, so the factorisation is taken on the distinct rows
 of the basis (:func:`_distinct_spectrum`: the same fit from an m-row
 problem) and the wild refits apply the fit per configuration
-(:attr:`_FoldFit.compact`).
+(:attr:`_FoldFit.compact`). Where rows do not repeat (a random search, one
+seed per configuration) and the folds are large, the fit is applied through
+its factors, :math:`P = A B^\top + 1/n_{train}` (:func:`_times`), and the
+(n_test, n_train) matrix is never built: one metric with ``placebos=200`` at
+n = 20,000 took 121 s and 17.4 GB with it, 23.5 s and 3.7 GB without
+(``bench/large_ledgers.py``); below a few thousand rows the matrix is
+cheaper and the numbers are unchanged.
 
 What was measured to choose it (:func:`mbe_helpers.simulate.run_calibration`,
 200 repetitions; sizes of the crossfit test at alpha = 0.05):
@@ -1094,6 +1100,22 @@ class _FoldFit:
         hat = fit if pool is None else np.asarray(fit @ pool)
         return hat - hat.mean(axis=1, keepdims=True) + 1.0 / self.train.sum()
 
+    @property
+    def rank(self) -> int:
+        """Columns of :attr:`factors` (0 without a fit)."""
+        return 0 if self._spectrum.d is None else self._spectrum.d.size
+
+    @functools.cached_property
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        r"""``(A, B)`` with :math:`P = A B^\top + 1/n_{train}`: :math:`A = V_t \circ w`
+        (n_test, r) and :math:`B = U - \bar U` (n_train, r), the training rows' centred left
+        singular vectors (see :func:`_times`)."""
+        spectrum = self._spectrum
+        if spectrum.d is None:
+            return np.zeros((int(self.test.sum()), 0)), np.zeros((int(self.train.sum()), 0))
+        u = spectrum.expand(np.eye(spectrum.d.size))
+        return spectrum.test_v * self._weights, u - u.mean(axis=0)
+
     @functools.cached_property
     def compact(self):
         r"""``(P_u, E^T, test_codes)`` with :math:`P = F P_u E^\top` when rows repeat, else None.
@@ -1160,6 +1182,22 @@ class _IndexFoldFit:
             fit = np.asarray(fit @ spectrum.pool)
         fit += (self._left / self._penalty) @ self._z.T
         return fit - fit.mean(axis=1, keepdims=True) + 1.0 / self.train.sum()
+
+    @property
+    def rank(self) -> int:
+        """Columns of :attr:`factors`."""
+        return self._plain.rank + self._z.shape[1]
+
+    @functools.cached_property
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        r""":attr:`_FoldFit.factors` of :attr:`projection`: :math:`A = [V_t \circ w + L
+        W^\top,\; L / \lambda]`, :math:`B = [U, Z]` centred over the training rows."""
+        spectrum = self._plain._spectrum
+        u = spectrum.expand(np.eye(spectrum.d.size))
+        a = np.hstack([spectrum.test_v * self._plain._weights + self._left @ self._w.T,
+                       self._left / self._penalty])
+        b = np.hstack([u, self._z])
+        return a, b - b.mean(axis=0)
 
     @functools.cached_property
     def compact(self):
@@ -1328,16 +1366,78 @@ class KeptFits:
             small = fold.compact
             if small is None:                                        # P over every training row
                 train = np.flatnonzero(fold.train)
-                unit, columns = np.arange(len(train)), fold.projection[local]
+                unit, columns, width = np.arange(len(train)), None, len(train)
             else:                                                    # P = F P_u E^T
                 p_u, sums, test_codes = small
                 train = sums.indices
                 unit = np.repeat(np.arange(sums.shape[0]), np.diff(sums.indptr))
                 columns = p_u[test_codes[local]]
+                width = columns.shape[1]
             by_cluster = np.bincount(unit * groups + codes[train], weights=e_y[train],
-                                     minlength=columns.shape[1] * groups)
-            weights[mine] = columns @ by_cluster.reshape(columns.shape[1], groups)
+                                     minlength=width * groups).reshape(width, groups)
+            weights[mine] = (_times(fold, by_cluster, local) if columns is None
+                             else columns @ by_cluster)
         return weights
+
+
+#: A fold's (n_test, n_train) projection is applied through its factors (:func:`_times`) when
+#: it has this many times more entries than the factors: at n = 20,000 rows with six controls
+#: the full matrices took 5 GB and most of a 40 s audit; below a few thousand rows (every
+#: ledger of the book) the projection is smaller and the numbers are the same bit for bit.
+_FACTOR_GAIN = 1.0
+
+
+def _factored(fold) -> bool:
+    """Whether ``fold`` (a :class:`_FoldFit` or :class:`_IndexFoldFit`) is cheaper to apply
+    through its factors than through its projection."""
+    n_test, n_train = int(fold.test.sum()), int(fold.train.sum())
+    return n_test * n_train > _FACTOR_GAIN * (n_test + n_train) * max(fold.rank, 1)
+
+
+def _times(fold, columns, rows=None) -> np.ndarray:
+    r""":math:`P_{rows} C` for training columns ``C`` (n_train, k), dense or sparse, through
+    the projection or, for a large fold, its factors: :math:`A_{rows} (B^\top C) +
+    \mathbf{1} (\mathbf{1}^\top C) / n_{train}`, never the (n_test, n_train) matrix.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> b = np.linspace(0, 1, 50)
+    >>> _, kept = crossfit_residuals(control_basis(b[:, None]), (b**2)[:, None], np.arange(50) % 5, keep=0)
+    >>> fold, c = kept.folds[0], np.random.default_rng(0).normal(size=(40, 3))
+    >>> a, bc = fold.factors
+    >>> bool(np.allclose(fold.projection @ c, a @ (bc.T @ c) + c.sum(axis=0) / 40))
+    True
+    """
+    if not _factored(fold):
+        projection = fold.projection if rows is None else fold.projection[rows]
+        return np.asarray(projection @ columns)
+    a, b = fold.factors
+    a = a if rows is None else a[rows]
+    inner = np.asarray((columns.T @ b).T)                     # B^T C, also for sparse C
+    total = np.asarray(columns.sum(axis=0)).reshape(1, -1)
+    return a @ inner + total / b.shape[0]
+
+
+def _times_transposed(fold, columns: np.ndarray) -> np.ndarray:
+    r""":math:`P^\top c` for test columns ``c`` (n_test, k), as :func:`_times`:
+    :math:`B (A^\top c) + \mathbf{1}(\mathbf{1}^\top c) / n_{train}`."""
+    if not _factored(fold):
+        return fold.projection.T @ columns
+    a, b = fold.factors
+    return b @ (a.T @ columns) + columns.sum(axis=0, keepdims=True) / b.shape[0]
+
+
+def _weighted_square_sums(fold, weights: np.ndarray) -> np.ndarray:
+    r""":math:`\sum_j P_{ij}^2 w_j^2` for every test row i (``weights`` (n_train,)); for a large
+    fold :math:`a_i^\top G a_i + 2 a_i^\top h / n + \sum_j w_j^2 / n^2` with :math:`G =
+    B^\top \operatorname{diag}(w^2) B`, :math:`h = B^\top w^2`."""
+    if not _factored(fold):
+        return ((fold.projection * weights) ** 2).sum(axis=1)
+    a, b = fold.factors
+    n, w2 = b.shape[0], weights**2
+    return (((a @ ((b * w2[:, None]).T @ b)) * a).sum(axis=1)
+            + 2.0 * a @ (b.T @ w2) / n + w2.sum() / n**2)
 
 
 def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
@@ -1360,7 +1460,7 @@ def refit_residuals(operators, columns: np.ndarray) -> np.ndarray:
     for fold in operators.folds:
         test, small = fold.test, fold.compact
         if small is None:
-            out[test] = columns[test] - fold.projection @ columns[fold.train]
+            out[test] = columns[test] - _times(fold, columns[fold.train])
         else:
             p_u, sums, test_codes = small
             out[test] = columns[test] - (p_u @ (sums @ columns))[test_codes]
@@ -1542,7 +1642,7 @@ def adjoint_residuals(operators, columns: np.ndarray) -> np.ndarray:
     """
     out = np.array(columns, dtype=float, copy=True)
     for fold in operators.folds:
-        out[fold.train] -= fold.projection.T @ columns[fold.test]
+        out[fold.train] -= _times_transposed(fold, columns[fold.test])
     return out
 
 
@@ -1573,12 +1673,14 @@ def wild_scale(e_m: np.ndarray, e_y: np.ndarray, operators,
     expected_v = (_sum_by(e_m * e_y[:, None], codes) ** 2).sum(axis=0)
     for fold in operators.folds:
         test, train = fold.test, fold.train
-        weighted = fold.projection * e_y[train]                        # (n_test, n_train)
         if clusters is None:                                      # Q = P diag(e_Y): a row's own sum
-            expected_v += (e_m[test] ** 2).T @ (weighted**2).sum(axis=1)
+            expected_v += (e_m[test] ** 2).T @ _weighted_square_sums(fold, e_y[train])
             continue
         train_codes = pd.factorize(codes[train])[0]
-        q = _sum_by(weighted.T, train_codes).T                    # (n_test, training clusters)
+        if _factored(fold):                                       # Q summed per training cluster
+            q = _times(fold, _indicator(train_codes).T.multiply(e_y[train][:, None]).tocsr())
+        else:
+            q = _sum_by((fold.projection * e_y[train]).T, train_codes).T   # (n_test, clusters)
         by_test_cluster = _indicator(pd.factorize(codes[test])[0])
         e_test = e_m[test]
         for k in range(e_m.shape[1]):                             # Q_g^T e_M,g for every g at once

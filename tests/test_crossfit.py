@@ -259,6 +259,39 @@ def test_wild_scale_equals_the_moments_of_actual_sign_flip_refits(clustered):
     assert closed == pytest.approx(simulated, rel=0.04)
 
 
+@pytest.mark.parametrize("controls", [1, 3])        # a plain fold fit; one with the single index
+def test_large_folds_apply_their_fits_through_factors_with_the_same_numbers(controls, monkeypatch):
+    """Through the factors (the route of ledgers of many distinct rows) every use of a fold's
+    fit gives the projection's numbers, and the (n_test, n_train) projection is never built."""
+    rng = np.random.default_rng(0)
+    n = 150
+    b = rng.uniform(size=(n, controls))
+    y = np.sin(3 * b[:, 0]) * b[:, -1] + rng.normal(0, .3, n)
+    clusters = rng.integers(0, 30, n)
+    folds = crossfit.fold_ids(n, 5, seed=0, clusters=clusters)
+    columns = rng.normal(size=(n, 6))
+    responses = np.column_stack([y, b[:, 0] + rng.normal(size=n)])
+
+    def uses(gain):
+        monkeypatch.setattr(crossfit, "_FACTOR_GAIN", gain)
+        e, kept = crossfit.crossfit_residuals(crossfit.control_basis(b), responses, folds, keep=0)
+        out = (crossfit.refit_residuals(kept, columns), crossfit.adjoint_residuals(kept, columns),
+               crossfit.wild_scale(e[:, 1:], e[:, 0], kept),
+               crossfit.wild_scale(e[:, 1:], e[:, 0], kept, clusters),
+               kept.cell_fit_weights(np.arange(n), clusters, e[:, 0]))
+        return out, kept
+
+    dense, kept = uses(1e12)
+    assert not any(crossfit._factored(fold) for fold in kept.folds)
+    factored, kept = uses(0.0)
+    assert all(crossfit._factored(fold) for fold in kept.folds)
+    assert all("projection" not in vars(fold) for fold in kept.folds)
+    kinds = {type(fold).__name__ for fold in kept.folds}
+    assert kinds == {"_FoldFit"} if controls == 1 else "_IndexFoldFit" in kinds
+    for a, c in zip(dense, factored):
+        np.testing.assert_allclose(c, a, rtol=1e-9, atol=1e-12)
+
+
 def test_adjusted_interval_excludes_zero_only_where_the_test_rejects():
     rng = np.random.default_rng(5)
     n = 80
