@@ -330,7 +330,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -1736,6 +1736,10 @@ class GCMTest:
     statistic: float
     p: float
     dof: int
+    #: out-of-fold share of the metric's rank variance that the controls explain,
+    #: :math:`1 - \overline{e_M^2} / \operatorname{Var}(\operatorname{rank} M / (n + 1))`
+    #: (:func:`adjusted_test` only; NaN from :func:`gcm_test`)
+    explained: float | np.ndarray = float("nan")
 
 
 def _cluster_sums(values: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
@@ -1837,8 +1841,12 @@ def adjusted_test(basis: ControlBasis, target: np.ndarray, metrics: np.ndarray, 
     responses = np.column_stack([target, metrics])
     residuals, fits = crossfit_residuals(basis, responses, folds, keep=0)
     metric_residuals = residuals[:, 1] if np.ndim(metrics) == 1 else residuals[:, 1:]
-    return gcm_test(metric_residuals, residuals[:, 0], clusters, ci, fitted_dof=float(fits.dof.mean()),
-                    fits=fits, draws=draws, rng=rng)
+    test = gcm_test(metric_residuals, residuals[:, 0], clusters, ci,
+                    fitted_dof=float(fits.dof.mean()), fits=fits, draws=draws, rng=rng)
+    n = len(residuals)
+    spread = (column_ranks(responses[:, 1:]) / (n + 1)).var(axis=0)
+    explained = 1.0 - (residuals[:, 1:] ** 2).mean(axis=0) / np.maximum(spread, 1e-300)
+    return replace(test, explained=float(explained[0]) if np.ndim(metrics) == 1 else explained)
 
 
 def _correlation_interval(e_m: np.ndarray, e_y: np.ndarray, clusters, ci: float, dof: int,

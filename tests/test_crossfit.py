@@ -292,6 +292,20 @@ def test_large_folds_apply_their_fits_through_factors_with_the_same_numbers(cont
         np.testing.assert_allclose(c, a, rtol=1e-9, atol=1e-12)
 
 
+def test_a_metric_that_is_a_function_of_the_design_is_told_so():
+    rng = np.random.default_rng(2)
+    n = 300
+    lr, wd, trait = rng.uniform(-4, -1, n), rng.uniform(-6, -2, n), rng.normal(size=n)
+    runs = pd.DataFrame({"lr": lr, "wd": wd, "exact": (lr + 2.5) ** 2 + 0.1 * wd,
+                         "trait": trait + 0.3 * lr,
+                         "target": np.exp(-(lr + 2.3) ** 2) + 0.5 * trait + rng.normal(0, .2, n)})
+    table = audit(runs, ["exact", "trait"], "target", ["lr", "wd"], placebos=0).table
+    exact, genuine = table.set_index("metric").note[["exact", "trait"]]
+    assert re.search(r"the controls predict (9\d|100)(\.\d)? % of the metric's rank variance",
+                     exact), exact
+    assert "function of the design" not in genuine
+
+
 def test_adjusted_interval_excludes_zero_only_where_the_test_rejects():
     rng = np.random.default_rng(5)
     n = 80
