@@ -438,6 +438,8 @@ class ControlBasis:
     smooth_main: int = 0
     #: rows the smooth block would need where it has too few to enter (0 where it entered)
     smooth_needs: int = 0
+    #: rows (distinct configurations of the controls) the smooth block needs, entered or not
+    smooth_rows: int = 0
     #: per interaction scale: the basis at that scale (see :meth:`scaled`)
     _scaled: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -498,7 +500,7 @@ def _smooth_blocks(ranks: list, dummies: list, n: int) -> tuple[np.ndarray | Non
     columns, then the products of a rank's linear Legendre term with a category's one-hot
     columns and of two categories' one-hot columns (the product of two ranks is already in
     the interactions, more lightly penalised still). Returns ``(block, numeric main columns,
-    0)``, or ``(None, 0, rows it needs)`` when there are fewer than
+    rows it needs)``, or ``(None, 0, rows it needs)`` when there are fewer than
     :data:`SMOOTH_ROWS_PER_COLUMN` rows per column.
 
     Examples
@@ -517,9 +519,10 @@ def _smooth_blocks(ranks: list, dummies: list, n: int) -> tuple[np.ndarray | Non
              for j in range(max(i + 1, len(ranks)), len(low))]
     blocks = main + list(dummies) + pairs
     width = sum(b.shape[1] for b in blocks)
-    if not width or n < SMOOTH_ROWS_PER_COLUMN * width:
-        return None, 0, int(np.ceil(SMOOTH_ROWS_PER_COLUMN * width))
-    return np.hstack(blocks), sum(b.shape[1] for b in main), 0
+    needs = int(np.ceil(SMOOTH_ROWS_PER_COLUMN * width))
+    if not width or n < needs:
+        return None, 0, needs
+    return np.hstack(blocks), sum(b.shape[1] for b in main), needs
 
 
 def control_basis(numeric: np.ndarray | None = None,
@@ -582,12 +585,13 @@ def control_basis(numeric: np.ndarray | None = None,
     one_hot = [code for code, wide in zip(codes, kinds) if not wide]
     rows = (np.unique(np.column_stack(codes), axis=0, return_inverse=True)[1].ravel()
             if codes else np.zeros(n, dtype=int))
-    smooth, smooth_main, smooth_needs = _smooth_blocks(ranks, all_dummies, n)
+    smooth, smooth_main, smooth_rows = _smooth_blocks(ranks, all_dummies, n)
     return ControlBasis(main=np.hstack(main) if main else empty,
                         interactions=np.hstack(pairs) if pairs else empty, rows=rows,
                         ranks=np.column_stack(ranks) if ranks else empty,
                         levels=np.column_stack(one_hot) if one_hot else np.empty((n, 0), dtype=int),
-                        smooth=smooth, smooth_main=smooth_main, smooth_needs=smooth_needs)
+                        smooth=smooth, smooth_main=smooth_main,
+                        smooth_needs=smooth_rows if smooth is None else 0, smooth_rows=smooth_rows)
 
 
 def fold_ids(n: int, folds: int, seed: int = 0, clusters: np.ndarray | None = None) -> np.ndarray:
@@ -1847,6 +1851,64 @@ def adjusted_test(basis: ControlBasis, target: np.ndarray, metrics: np.ndarray, 
     spread = (column_ranks(responses[:, 1:]) / (n + 1)).var(axis=0)
     explained = 1.0 - (residuals[:, 1:] ** 2).mean(axis=0) / np.maximum(spread, 1e-300)
     return replace(test, explained=float(explained[0]) if np.ndim(metrics) == 1 else explained)
+
+
+def within_configuration_test(metric: np.ndarray, target: np.ndarray, rows: np.ndarray,
+                              draws: int = 999, rng: np.random.Generator | None = None) -> tuple:
+    r"""Association of a metric with the target among runs with the same controls.
+
+    Runs that share a configuration (equal codes in ``rows``: the same value of
+    every control, e.g. seeds of one grid point) share any function of the
+    controls, so centring the ranks :math:`u = \operatorname{rank}/(n+1)`
+    within each configuration removes the design's whole effect without
+    learning it. The statistic is :math:`T = \sum_i e_{M,i} e_{Y,i}` of the
+    centred ranks; its p-value comes from ``draws`` permutations of the
+    metric within every configuration, :math:`p = (1 + \#\{|T^*| \ge
+    |T|\}) / (1 + \mathrm{draws})`, exact when the runs of a configuration
+    are exchangeable (seeds). Configurations with a single run carry nothing
+    and are left out.
+
+    Returns
+    -------
+    (r, p, runs) : the correlation of the centred ranks, its p-value and the
+        number of runs in configurations of two or more (NaN, NaN, runs when
+        fewer than 3 such runs).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> config = np.repeat(np.arange(30), 5)              # 30 configurations x 5 seeds
+    >>> shape, trait = rng.normal(size=30)[config], rng.normal(size=150)
+    >>> r, p, runs = within_configuration_test(shape + trait, shape + trait + rng.normal(size=150),
+    ...                                        config, rng=rng)
+    >>> round(r, 2), p < 0.01, runs
+    (0.65, True, 150)
+    >>> r, p, _ = within_configuration_test(shape + rng.normal(size=150), shape, config, rng=rng)
+    >>> bool(p > 0.05)                                    # a pure proxy of the design
+    True
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    codes = pd.factorize(np.asarray(rows))[0]
+    replicated = np.bincount(codes)[codes] >= 2
+    runs = int(replicated.sum())
+    if runs < 3:
+        return float("nan"), float("nan"), runs
+    ranks = column_ranks(np.column_stack([metric, target]).astype(float)) / (len(codes) + 1)
+    ranks, codes = ranks[replicated], pd.factorize(codes[replicated])[0]
+    centred = ranks - _sum_by(ranks, codes)[codes] / np.bincount(codes)[codes, None]
+    e_m, e_y = centred[:, 0], centred[:, 1]
+    scale = np.sqrt((e_m @ e_m) * (e_y @ e_y))
+    if scale == 0:
+        return float("nan"), float("nan"), runs
+    statistic = e_m @ e_y
+    order = np.argsort(codes, kind="stable")                  # rows grouped by configuration
+    exceed = 0
+    for start in range(0, draws, 256):                        # within-group shuffles, 256 at once
+        keys = codes[order][None, :] + rng.random((min(256, draws - start), len(codes)))
+        shuffled = order[np.argsort(keys, axis=1)]
+        exceed += int(np.sum(np.abs(e_m[shuffled] @ e_y[order]) >= abs(statistic) - 1e-12))
+    return float(statistic / scale), (1.0 + exceed) / (draws + 1.0), runs
 
 
 def _correlation_interval(e_m: np.ndarray, e_y: np.ndarray, clusters, ci: float, dof: int,
