@@ -925,6 +925,36 @@ def _crossfit_problem(n: int, clusters: np.ndarray | None, folds: int, auto: boo
     return ""
 
 
+#: Fewest configurations for which runs that repeat a configuration of the controls are
+#: clustered by it when no ``cluster=`` is given (a cluster-robust variance needs a few dozen).
+AUTO_CLUSTER_MIN = 20
+
+
+def _configuration_clusters(clean: pd.DataFrame, controls: list[str]) -> np.ndarray | None:
+    """Configuration codes (equal where every control is equal) when the rows repeat
+    configurations, at least two rows each on average and :data:`AUTO_CLUSTER_MIN` of them;
+    else None.
+
+    Runs that share a configuration (seeds of one grid point) share its deviation from any
+    smooth fit of the controls, in the metric and in the target alike, so they are not
+    independent units: on 100 configurations x 5 seeds with independent per-configuration
+    shocks (standard deviation 1, per-run noise 0.3) the cross-fitted test without clusters
+    rejected 46 of 100 null ledgers and claimed 11, by configuration 7 and 5.
+
+    Examples
+    --------
+    >>> frame = pd.DataFrame({"lr": np.repeat(np.arange(25.0), 3), "wd": 1.0})
+    >>> codes = _configuration_clusters(frame, ["lr", "wd"])
+    >>> len(np.unique(codes)), _configuration_clusters(frame.iloc[:40], ["lr", "wd"]) is None
+    (25, True)
+    """
+    if not controls:
+        return None
+    codes = clean.groupby(controls, sort=False, dropna=False).ngroup().to_numpy()
+    configs = int(codes.max()) + 1
+    return codes if AUTO_CLUSTER_MIN <= configs <= len(clean) / 2 else None
+
+
 def _control_arrays(frame: pd.DataFrame, controls: list[str]) -> tuple:
     numeric, categorical = _split_controls(frame, controls)
     return (_numeric_array(frame, numeric) if numeric else None,
@@ -937,6 +967,11 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
               row: dict) -> dict:
     """``adj_r, adj_p, adj_lo, adj_hi`` of the cross-fitted adjustment, or NaN with the reason."""
     empty = dict(adj_r=np.nan, adj_p=np.nan, adj_lo=np.nan, adj_hi=np.nan)
+    if clusters is None and (clusters := _configuration_clusters(clean, controls)) is not None:
+        _note(row, f"the runs repeat {int(clusters.max()) + 1} configurations of the controls "
+                   f"({len(clean)} rows), so the cross-fit clusters them by configuration (its "
+                   f"runs share a fold, the variance is cluster-robust); cluster= chooses another "
+                   f"grouping")
     problem = _crossfit_problem(len(clean), clusters, settings.folds, settings.adjust == "auto")
     if problem:
         adjust = "rank" if settings.adjust == "auto" else "crossfit"
@@ -1523,6 +1558,8 @@ def _placebo_group(frame: pd.DataFrame, target: str, controls: list[str], settin
     kinds = {"noise": rng.standard_normal((len(clean), k)),
              "proxy": proxy_placebos(numeric, categorical, k, rng, n=len(clean))}
     clusters = clean[settings.cluster].to_numpy() if settings.cluster else None
+    if clusters is None and settings.adjust != "rank":        # as the metrics' cross-fit does
+        clusters = _configuration_clusters(clean, controls)
     problem = (_crossfit_problem(len(clean), clusters, settings.folds, True)
                if settings.adjust != "rank" else "rank")
     adjust = "rank" if problem else "crossfit"
@@ -1567,7 +1604,8 @@ def _basis_and_folds(clean: pd.DataFrame, controls: list[str], clusters, setting
     """The learner's basis of ``controls`` on these rows and the fold of each row (cached per call)."""
     columns = [*controls, *([settings.cluster] if settings.cluster else [])]
     values = pd.util.hash_pandas_object(clean[columns], index=False) if columns else len(clean)
-    key = (tuple(columns), len(clean), np.asarray(values).tobytes())   # the basis depends on values only
+    key = (tuple(columns), len(clean), np.asarray(values).tobytes(),   # the basis depends on values only
+           clusters is None)
     if key not in settings.bases:
         numeric, categorical = _control_arrays(clean, controls)
         settings.bases[key] = (crossfit.control_basis(numeric, categorical, n=len(clean)),

@@ -346,6 +346,23 @@ def test_a_grid_of_few_configurations_claims_only_what_its_seeds_show():
     assert claims == {"proxy": 0, "increment": 10}
 
 
+def test_runs_that_repeat_configurations_are_clustered_by_them_without_cluster():
+    controls = ["lr", "wd", "width", "depth", "noise", "optimizer", "arch"]
+    grid = _seeded_grid("proxy", 40, 0)
+    named = audit(grid, "metric", "target", controls, cluster="config", placebos=20)
+    automatic = audit(grid, "metric", "target", controls, placebos=20)
+    assert automatic.calibration.rejections.tolist() == named.calibration.rejections.tolist()
+    named, auto = named.table, automatic.table
+    for column in ["adj_r", "adj_lo", "adj_hi", "adj_p"]:
+        assert auto[column].iloc[0] == named[column].iloc[0]
+    assert "repeat 40 configurations of the controls (200 rows)" in auto.note.iloc[0]
+    # three configurations (one categorical control) are levels, not seeds: no clusters
+    rng = np.random.default_rng(0)
+    levels = pd.DataFrame({"c": rng.choice(list("abc"), 90), "m": rng.normal(size=90),
+                           "y": rng.normal(size=90)})
+    assert "configurations" not in audit(levels, "m", "y", "c").table.note.iloc[0]
+
+
 def test_the_within_configuration_test_holds_its_size_and_finds_a_per_run_trait():
     rng = np.random.default_rng(4)
     config = np.repeat(np.arange(12), 4)
