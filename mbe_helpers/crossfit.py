@@ -250,8 +250,8 @@ seed per configuration) and the folds are large, the fit is applied through
 its factors, :math:`P = A B^\top + 1/n_{train}` (:func:`_times`), and the
 (n_test, n_train) matrix is never built: one metric with ``placebos=200`` at
 n = 20,000 took 121 s and 17.4 GB with it, 23.5 s and 3.7 GB without
-(``bench/large_ledgers.py``); below a few thousand rows the matrix is
-cheaper and the numbers are unchanged.
+(``bench/large_ledgers.py``). The route is chosen by size (:data:`_FACTOR_GAIN`)
+and the two agree to rounding (1e-15; chapter 05's tables are identical).
 
 What was measured to choose it (:func:`mbe_helpers.simulate.run_calibration`,
 200 repetitions; sizes of the crossfit test at alpha = 0.05):
@@ -1385,9 +1385,9 @@ class KeptFits:
 
 
 #: A fold's (n_test, n_train) projection is applied through its factors (:func:`_times`) when
-#: it has this many times more entries than the factors: at n = 20,000 rows with six controls
-#: the full matrices took 5 GB and most of a 40 s audit; below a few thousand rows (every
-#: ledger of the book) the projection is smaller and the numbers are the same bit for bit.
+#: it has this many times more entries than the factors, (n_test + n_train) x rank: at
+#: n = 20,000 rows with six controls the full matrices took 4.5 GB and 32 s of a one-metric
+#: audit, 2 GB and 6.7 s without. Both routes give the same numbers to rounding (1e-15).
 _FACTOR_GAIN = 1.0
 
 
