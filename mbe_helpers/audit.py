@@ -796,7 +796,8 @@ def _permutation_p(design: _Design, n_perm: int, blocks: np.ndarray | None,
     norm_m = np.linalg.norm(e_m)
     if norm_m == 0 or np.linalg.norm(e_y) == 0:
         return float("nan")
-    observed = abs(e_m @ e_y) / (norm_m * np.linalg.norm(e_y))
+    norm_y = np.linalg.norm(e_y)
+    observed = abs(e_m @ e_y) / (norm_m * norm_y)
     group = np.zeros(design.n) if blocks is None else pd.factorize(blocks)[0].astype(float)
     slots = np.argsort(group, kind="stable")
     exceed = 0
@@ -806,9 +807,12 @@ def _permutation_p(design: _Design, n_perm: int, blocks: np.ndarray | None,
         shuffled = np.argsort(group[slots] + rng.random((size, design.n)), axis=1)
         perms = np.empty((size, design.n), dtype=int)
         perms[:, slots] = slots[shuffled]
-        star = e_y[perms].T                                     # (n, size)
-        star = star - q @ (q.T @ star)
-        r_perm = np.abs(e_m @ star) / (norm_m * np.linalg.norm(star, axis=0))
+        star = e_y[perms].T                                     # (n, size): P e_Y
+        # e_M is orthogonal to the controls, so e_M . (I - H) P e_Y = e_M . P e_Y, and
+        # |(I - H) P e_Y|^2 = |e_Y|^2 - |Q^T P e_Y|^2: no residual vector is formed
+        spans = q.T @ star
+        norms = np.sqrt(np.maximum(norm_y**2 - (spans**2).sum(axis=0), 1e-300))
+        r_perm = np.abs(e_m @ star) / (norm_m * norms)
         exceed += int(np.sum(r_perm >= observed - 1e-12))
     return (1 + exceed) / (1 + n_perm)
 

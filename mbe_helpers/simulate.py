@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 #: Architecture offsets on the latent accuracy score (between-group effect).
 ARCH_OFFSETS = {"mlp": -1.5, "cnn": 0.0, "vit": 1.5}
@@ -351,11 +350,11 @@ def method_pvalues(frame: pd.DataFrame, scenario: Scenario, rng: np.random.Gener
     controls = list(scenario.controls)
     design = mbe._build_design(frame, "metric", "target", controls)
     out = {}
-    if "raw" in methods:
-        out["raw"] = float(stats.spearmanr(frame.metric, frame.target).pvalue)
-    if "rank-t" in methods:
-        r = float(mbe._rank_correlations(design, np.ones((1, design.n)))[1][0])
-        out["rank-t"] = mbe._t_pvalue(r, design.n - 2 - mbe._control_rank(design))
+    if "raw" in methods or "rank-t" in methods:
+        raw, partial = (float(v[0]) for v in mbe._rank_correlations(design, np.ones((1, design.n))))
+        out["raw"] = mbe._t_pvalue(raw, design.n - 2)          # Spearman's t test (scipy's)
+        out["rank-t"] = mbe._t_pvalue(partial, design.n - 2 - mbe._control_rank(design))
+        out = {method: out[method] for method in ("raw", "rank-t") if method in methods}
     if "rank-perm" in methods:
         out["rank-perm"] = mbe._permutation_p(design, permutations, None, rng)
     if "crossfit" in methods:
