@@ -954,7 +954,8 @@ def _configuration_clusters(clean: pd.DataFrame, controls: list[str]) -> np.ndar
     """
     if not controls:
         return None
-    codes = clean.groupby(controls, sort=False, dropna=False).ngroup().to_numpy()
+    codes = pd.factorize(clean.groupby(controls, sort=False, dropna=False, observed=True)
+                         .ngroup().to_numpy())[0]
     configs = int(codes.max()) + 1
     return codes if AUTO_CLUSTER_MIN <= configs <= len(clean) / 2 else None
 
