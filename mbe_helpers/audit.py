@@ -1025,7 +1025,9 @@ def _withhold_thin_claims(table: pd.DataFrame, settings: _Settings) -> None:
     rows it needs; ``_configs``: the distinct configurations; see
     :data:`mbe_helpers.crossfit.SMOOTH_ROWS_PER_COLUMN`), unless the runs that share a
     configuration show it (:func:`mbe_helpers.crossfit.within_configuration_test` on the
-    data kept in ``settings.within``: significant at alpha, on the claim's side).
+    data kept in ``settings.within``: significant at alpha, on the claim's side). A row there
+    that claims nothing but has ``adj_p < alpha`` gets that test's result in its note: its
+    small ``adj_p`` can be the design's shape.
 
     With too few configurations a training grid's shape passes as information: ``bench/
     unseen_nulls.py``'s ``grid_proxy_8`` (eight controls, one run each) at n = 60 is rejected
@@ -1039,14 +1041,12 @@ def _withhold_thin_claims(table: pd.DataFrame, settings: _Settings) -> None:
     """
     if "_thin" not in table:
         return
+    significant = (~table.classification.isin(CLAIMS) & (table._thin.fillna(0) > 0)
+                   & (table.adj_p < settings.alpha))          # not claimed, yet adj_p < alpha
     for i in table.index[table.classification.isin(CLAIMS) & (table._thin.fillna(0) > 0)]:
         cls, n, needs = table.at[i, "classification"], int(table.at[i, "n"]), int(table.at[i, "_thin"])
         configs = int(table.at[i, "_configs"]) if "_configs" in table else n
-        r = p = np.nan
-        if (table.at[i, "group"], table.at[i, "metric"]) in settings.within:
-            r, p, _ = crossfit.within_configuration_test(
-                *settings.within[table.at[i, "group"], table.at[i, "metric"]],
-                min(settings.draws, WITHIN_DRAWS), np.random.default_rng([settings.seed, 104729]))
+        r, p = _within_configurations(table, i, settings)
         alpha = settings.alpha
         controls = len(str(table.at[i, "controls"]).split(","))
         if np.isfinite(p) and p < alpha and np.sign(r) == np.sign(table.at[i, "adj_r"]):
@@ -1073,6 +1073,28 @@ def _withhold_thin_claims(table: pd.DataFrame, settings: _Settings) -> None:
                                f"information far more often than alpha; add runs or drop "
                                f"controls that cannot matter")
         table.at[i, "classification"] = "inconclusive"
+    for i in table.index[significant]:             # a small adj_p there can be the design's shape
+        r, p = _within_configurations(table, i, settings)
+        if np.isfinite(p):
+            controls = len(str(table.at[i, "controls"]).split(","))
+            _note_at(table, i, f"adj_p = {table.at[i, 'adj_p']:.3g} comes from "
+                               f"{int(table.at[i, '_configs'])} configurations of {controls} "
+                               f"controls, too few for the learner to learn the design's shape "
+                               f"({int(table.at[i, '_thin'])} needed), and can call a proxy of "
+                               f"the design significant; among runs with the same controls "
+                               f"r = {r:+.2f}, permutation p = {p:.3g}")
+
+
+def _within_configurations(table: pd.DataFrame, i, settings: _Settings) -> tuple[float, float]:
+    """``(r, p)`` of :func:`mbe_helpers.crossfit.within_configuration_test` for row ``i``, from
+    the data kept in ``settings.within`` (NaN where none was kept: no repeated configuration)."""
+    key = (table.at[i, "group"], table.at[i, "metric"])
+    if key not in settings.within:
+        return float("nan"), float("nan")
+    r, p, _ = crossfit.within_configuration_test(*settings.within[key],
+                                                 min(settings.draws, WITHIN_DRAWS),
+                                                 np.random.default_rng([settings.seed, 104729]))
+    return r, p
 
 
 def _note_at(table: pd.DataFrame, i, text: str) -> None:
