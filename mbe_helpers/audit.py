@@ -799,14 +799,10 @@ def _permutation_p(design: _Design, n_perm: int, blocks: np.ndarray | None,
     norm_y = np.linalg.norm(e_y)
     observed = abs(e_m @ e_y) / (norm_m * norm_y)
     group = np.zeros(design.n) if blocks is None else pd.factorize(blocks)[0].astype(float)
-    slots = np.argsort(group, kind="stable")
     exceed = 0
     chunk = max(1, _CHUNK_ELEMENTS // design.n)
     for start in range(0, n_perm, chunk):
-        size = min(chunk, n_perm - start)
-        shuffled = np.argsort(group[slots] + rng.random((size, design.n)), axis=1)
-        perms = np.empty((size, design.n), dtype=int)
-        perms[:, slots] = slots[shuffled]
+        perms = crossfit.shuffles_within(group, min(chunk, n_perm - start), rng)
         star = e_y[perms].T                                     # (n, size): P e_Y
         # e_M is orthogonal to the controls, so e_M . (I - H) P e_Y = e_M . P e_Y, and
         # |(I - H) P e_Y|^2 = |e_Y|^2 - |Q^T P e_Y|^2: no residual vector is formed

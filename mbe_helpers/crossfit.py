@@ -1196,12 +1196,9 @@ class _IndexFoldFit:
     def factors(self) -> tuple[np.ndarray, np.ndarray]:
         r""":attr:`_FoldFit.factors` of :attr:`projection`: :math:`A = [V_t \circ w + L
         W^\top,\; L / \lambda]`, :math:`B = [U, Z]` centred over the training rows."""
-        spectrum = self._plain._spectrum
-        u = spectrum.expand(np.eye(spectrum.d.size))
-        a = np.hstack([spectrum.test_v * self._plain._weights + self._left @ self._w.T,
-                       self._left / self._penalty])
-        b = np.hstack([u, self._z])
-        return a, b - b.mean(axis=0)
+        a, b = self._plain.factors
+        return (np.hstack([a + self._left @ self._w.T, self._left / self._penalty]),
+                np.hstack([b, self._z - self._z.mean(axis=0)]))
 
     @functools.cached_property
     def compact(self):
@@ -1902,13 +1899,30 @@ def within_configuration_test(metric: np.ndarray, target: np.ndarray, rows: np.n
     if scale == 0:
         return float("nan"), float("nan"), runs
     statistic = e_m @ e_y
-    order = np.argsort(codes, kind="stable")                  # rows grouped by configuration
     exceed = 0
-    for start in range(0, draws, 256):                        # within-group shuffles, 256 at once
-        keys = codes[order][None, :] + rng.random((min(256, draws - start), len(codes)))
-        shuffled = order[np.argsort(keys, axis=1)]
-        exceed += int(np.sum(np.abs(e_m[shuffled] @ e_y[order]) >= abs(statistic) - 1e-12))
+    for start in range(0, draws, 256):                        # 256 shuffles at once
+        perms = shuffles_within(codes, min(256, draws - start), rng)
+        exceed += int(np.sum(np.abs(e_m[perms] @ e_y) >= abs(statistic) - 1e-12))
     return float(statistic / scale), (1.0 + exceed) / (draws + 1.0), runs
+
+
+def shuffles_within(groups: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` random row permutations (size, n), each moving rows only within their group
+    (equal values of ``groups``): row ``i`` takes the value of row ``perms[k, i]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> groups = np.array([0, 0, 1, 1, 1])
+    >>> perms = shuffles_within(groups, 4, np.random.default_rng(0))
+    >>> bool((groups[perms] == groups).all()), perms.shape
+    (True, (4, 5))
+    """
+    slots = np.argsort(groups, kind="stable")                 # rows grouped
+    shuffled = np.argsort(groups[slots] + rng.random((size, len(groups))), axis=1)
+    perms = np.empty((size, len(groups)), dtype=int)
+    perms[:, slots] = slots[shuffled]
+    return perms
 
 
 def _correlation_interval(e_m: np.ndarray, e_y: np.ndarray, clusters, ci: float, dof: int,
