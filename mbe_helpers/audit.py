@@ -1041,7 +1041,7 @@ def _withhold_thin_claims(table: pd.DataFrame, settings: _Settings) -> None:
                    & (table.adj_p < settings.alpha))          # not claimed, yet adj_p < alpha
     for i in table.index[table.classification.isin(CLAIMS) & (table._thin.fillna(0) > 0)]:
         cls, n, needs = table.at[i, "classification"], int(table.at[i, "n"]), int(table.at[i, "_thin"])
-        configs = int(table.at[i, "_configs"]) if "_configs" in table else n
+        configs = int(table.at[i, "_configs"])
         r, p = _within_configurations(table, i, settings)
         alpha = settings.alpha
         controls = len(str(table.at[i, "controls"]).split(","))

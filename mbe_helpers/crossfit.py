@@ -436,9 +436,8 @@ class ControlBasis:
     #: its first ``smooth_main`` columns are the numeric main effects. Empty on too few rows.
     smooth: np.ndarray | None = None
     smooth_main: int = 0
-    #: rows the smooth block would need where it has too few to enter (0 where it entered)
-    smooth_needs: int = 0
-    #: rows (distinct configurations of the controls) the smooth block needs, entered or not
+    #: rows (distinct configurations of the controls) the smooth block needs; it entered
+    #: where ``smooth`` is not None
     smooth_rows: int = 0
     #: per interaction scale: the basis at that scale (see :meth:`scaled`)
     _scaled: dict = field(default_factory=dict, repr=False, compare=False)
@@ -590,8 +589,7 @@ def control_basis(numeric: np.ndarray | None = None,
                         interactions=np.hstack(pairs) if pairs else empty, rows=rows,
                         ranks=np.column_stack(ranks) if ranks else empty,
                         levels=np.column_stack(one_hot) if one_hot else np.empty((n, 0), dtype=int),
-                        smooth=smooth, smooth_main=smooth_main,
-                        smooth_needs=smooth_rows if smooth is None else 0, smooth_rows=smooth_rows)
+                        smooth=smooth, smooth_main=smooth_main, smooth_rows=smooth_rows)
 
 
 def fold_ids(n: int, folds: int, seed: int = 0, clusters: np.ndarray | None = None) -> np.ndarray:
