@@ -1,6 +1,6 @@
 """Cross-fitted audit of ``mbe_helpers.audit`` against the published ``mbe-eval``.
 
-Same grid-like ledger shape as ``bench_audit.py`` (680 runs = 136
+Same grid-like ledger shape as ``bench_audit.py`` (``mbe_helpers.simulate.seeded_grid``: 680 runs = 136
 configurations x 5 seeds, 7 controls: 5 numeric, 2 categorical), two data sets
 with a known truth:
 
@@ -40,44 +40,13 @@ import pandas as pd
 
 from mbe_helpers import crossfit
 from mbe_helpers.audit import audit
+from mbe_helpers.simulate import SEEDED_GRID_CONTROLS, seeded_grid
 from timing import alternating, speed  # bench/timing.py, beside this script
 
-CONTROLS = ["lr", "wd", "width", "depth", "noise", "optimizer", "arch"]
+CONTROLS = list(SEEDED_GRID_CONTROLS)
+#: 136 configurations x 5 seeds; controls per configuration, noise per run.
+make_ledger = seeded_grid
 TRUTH = {"proxy": "no increment (conditional null)", "increment": "increment"}
-
-
-def make_ledger(kind: str, configs: int = 136, seeds: int = 5, seed: int = 0) -> pd.DataFrame:
-    """136 configurations x 5 seeds; controls are per configuration, noise per run."""
-    rng = np.random.default_rng(seed)
-    grid = pd.DataFrame({
-        "config": [f"c{i:03d}" for i in range(configs)],
-        "lr": 10 ** rng.uniform(-4, -1, configs), "wd": 10 ** rng.uniform(-6, -2, configs),
-        "width": rng.choice([32, 64, 128, 256], configs), "depth": rng.integers(1, 5, configs),
-        "noise": rng.uniform(0, 0.4, configs),
-        "optimizer": rng.choice(["adam", "sgd"], configs),
-        "arch": rng.choice(["mlp", "cnn", "res"], configs),
-    })
-    df = grid.loc[grid.index.repeat(seeds)].reset_index(drop=True)
-    df.insert(1, "run_seed", np.tile(np.arange(seeds), configs))
-    n = len(df)
-    # U-shape in log lr whose optimum moves with the optimizer, width x depth, arch x noise
-    best = np.where(df.optimizer == "adam", -3.2, -1.8)
-    u = (np.log10(df.lr) - best) ** 2
-    wd_term = np.abs(np.log10(df.wd) + 4.0)
-    size = (np.log2(df.width) - 6.5) * (df.depth - 2.5)
-    arch = df.arch.map({"mlp": 0.0, "cnn": 0.4, "res": 0.8}).to_numpy()
-    skill = -u - 0.3 * wd_term + 0.25 * size + arch * (1 - 2 * df.noise) - 2 * df.noise
-    skill = skill.to_numpy(dtype=float)
-    config_codes = pd.factorize(df.config)[0]
-
-    def config_noise(scale: float) -> np.ndarray:  # a per-configuration shock, shared over seeds
-        return rng.normal(0, scale, configs)[config_codes]
-
-    trait = rng.normal(0, 1, n) if kind == "increment" else np.zeros(n)
-    # metric and target: different nonlinear readings of skill, independent noise each
-    df["metric"] = np.tanh(skill / 2) + 0.5 * trait + config_noise(0.15) + rng.normal(0, 0.25, n)
-    df["target"] = np.exp(skill / 3) + 0.3 * trait + config_noise(0.10) + rng.normal(0, 0.20, n)
-    return df
 
 
 def ours(df: pd.DataFrame, placebos: int):

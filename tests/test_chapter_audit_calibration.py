@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "book" / "05_audit_calibration.ipynb"
 STEM = "05_audit_calibration"
 DEFAULTS = dict(n_values=[60, 150, 300, 1000], reps=200, scenarios=None, alpha=0.05, focus_n=300,
-                claim_reps=200, twin_reps=40, placebos=200, seed=0, workers=2, results_dir="out")
+                claim_reps=200, twin_reps=40, seeded_reps=40, placebos=200, seed=0, workers=2,
+                results_dir="out")
 
 # Rejections out of REPS per (scenario, n, method): u_proxy breaks the rank-linear tests and
 # gets worse with n, crossfit holds both nulls, the signal is found by all from n = 300.
@@ -270,6 +271,20 @@ def test_twin_withholding_table_and_sentences() -> None:
     assert alone["twin_plain_signal"] == "–" and "hit rate" not in alone["twin_sentence"]
 
 
+def test_seeded_study_gates_the_design_proxy_and_finds_the_increment() -> None:
+    study = chapter.seeded_study([30], reps=6, alpha=0.05, seed=0, workers=1)
+    assert list(study.kind) == ["proxy", "increment"] and (study.reps == 6).all()
+    rows = study.set_index("kind")
+    assert rows.claims["proxy"] <= 1 and rows.claims["increment"] == 6
+    assert rows.within["increment"] == 6 and rows.rejects["increment"] == 6
+    assert study.equals(chapter.seeded_study([30], reps=6, alpha=0.05, seed=0, workers=1))
+    values = chapter.seeded_values(study, 0.05)
+    assert values["seeded_configs_text"] == "30" and values["seeded_controls"] == 7
+    assert "6 of 6 of the increments" in values["seeded_claim_sentence"]
+    assert list(chapter.seeded_table(study).columns)[2:] == [
+        "cross-fitted test rejects", "audit claims information", "among-seeds test rejects"]
+
+
 def test_twin_scenarios_fall_back_to_what_was_run() -> None:
     params = chapter.validate(**{**DEFAULTS, "scenarios": ["u_proxy", "independent_null"]})
     assert params.twin_scenarios == ("u_proxy",)
@@ -318,6 +333,13 @@ def constructed_twins() -> pd.DataFrame:
                          "flagged": [1.0, 0.0], "twin_rate": [0.4, 0.05]})
 
 
+def constructed_seeded() -> pd.DataFrame:
+    rates = {f"{c}{s}": [v, 1.0] for c in ("rejects", "claims", "within")
+             for s, v in (("", 0), ("_rate", 0.0), ("_lo", 0.0), ("_hi", 0.09))}
+    return pd.DataFrame({"kind": ["proxy", "increment"], "configs": 30, "seeds": 5,
+                         "needs": 148, "reps": 40, **rates})
+
+
 def test_every_glue_role_is_produced_by_the_chapter_module() -> None:
     table = constructed_table()
     produced = {**chapter.scenario_values(list(SCENARIOS)),
@@ -327,7 +349,8 @@ def test_every_glue_role_is_produced_by_the_chapter_module() -> None:
                 **chapter.verdict(table, 300, 0.05),
                 **chapter.coverage_values(table, 300),
                 **chapter.bootstrap_values(pd.DataFrame({"coverage": [0.94, 0.96]})),
-                **chapter.twin_values(constructed_twins())}
+                **chapter.twin_values(constructed_twins()),
+                **chapter.seeded_values(constructed_seeded(), 0.05)}
     text = "\n".join(source(c) for c in code_cells())
     static = set(re.findall(r'glue\("(\w+)"', text))
     assert glue_roles(NOTEBOOK) <= set(produced) | static

@@ -35,7 +35,9 @@ import pandas as pd
 
 from mbe_helpers.audit import CLAIMS, audit, wilson_interval
 from mbe_helpers.chapters.params import AuditCalibrationParams, check
-from mbe_helpers.simulate import METHODS, SCENARIOS, run_calibration, truth_ledger
+from mbe_helpers.crossfit import control_basis, within_configuration_test
+from mbe_helpers.simulate import (METHODS, SCENARIOS, SEEDED_GRID_CONTROLS, run_calibration,
+                                 seeded_grid, truth_ledger)
 
 STEM = "05_audit_calibration"
 #: How the prose names each method of :func:`mbe_helpers.simulate.method_pvalues`.
@@ -64,8 +66,8 @@ class Params:
     Examples
     --------
     >>> p = validate(n_values=[300, 60], reps=20, scenarios=["u_proxy", "genuine_increment"],
-    ...              alpha=0.05, focus_n=60, claim_reps=20, twin_reps=5, placebos=50, seed=0,
-    ...              workers=1, results_dir="out")
+    ...              alpha=0.05, focus_n=60, claim_reps=20, twin_reps=5, seeded_reps=4,
+    ...              placebos=50, seed=0, workers=1, results_dir="out")
     >>> p.n_values, p.claim_scenarios, p.placebo_scenario, p.twin_scenarios
     ((60, 300), ('u_proxy',), 'u_proxy', ('u_proxy', 'genuine_increment'))
     """
@@ -77,6 +79,7 @@ class Params:
     focus_n: int
     claim_reps: int
     twin_reps: int
+    seeded_reps: int
     placebos: int
     seed: int
     workers: int
@@ -117,15 +120,16 @@ def validate(**values) -> Params:
     Examples
     --------
     >>> p = validate(n_values=[300, 60], reps=20, scenarios=None, alpha=0.05, focus_n=300,
-    ...              claim_reps=20, twin_reps=5, placebos=50, seed=0, workers=1, results_dir="out")
+    ...              claim_reps=20, twin_reps=5, seeded_reps=4, placebos=50, seed=0, workers=1,
+    ...              results_dir="out")
     >>> p.n_values, len(p.scenarios) == len(SCENARIOS)
     ((60, 300), True)
     """
     checked = check(STEM, values)
     return Params(tuple(sorted(checked.n_values)), checked.reps,
                   tuple(checked.scenarios or SCENARIOS), checked.alpha, checked.focus_n,
-                  checked.claim_reps, checked.twin_reps, checked.placebos, checked.seed,
-                  checked.workers, checked)
+                  checked.claim_reps, checked.twin_reps, checked.seeded_reps, checked.placebos,
+                  checked.seed, checked.workers, checked)
 
 
 # ------------------------------------------------------------------ formats
@@ -852,6 +856,156 @@ def _twin_size_sentence(cell: pd.Series, alpha: float) -> str:
         return text + "significantly above alpha: the learner misses this shape at this n"
     return text + ("not shown to be above alpha: at this n the learner fits this shape, so the "
                    "twins have little to catch here")
+
+
+# ------------------------------------------------ few configurations, many seeds
+#: Configurations of the seeded-grid study (each run with :data:`SEEDED_SEEDS` seeds): both
+#: fewer than the 148 that the learner's smooth block needs for seven controls.
+SEEDED_CONFIGS = (30, 100)
+SEEDED_SEEDS = 5
+#: Permutations of the among-seeds test, as the audit runs it for a claim.
+SEEDED_DRAWS = 499
+#: How a sentence says :func:`null_status`.
+_STATUS_WORDS = {"over": "over-rejects", "under": "is conservative", "held": "holds alpha"}
+#: How the prose names each ledger of the seeded-grid study.
+SEEDED_LABELS = {"proxy": "design proxy (null)", "increment": "per-run increment (signal)"}
+
+
+def _seeded_task(args: tuple) -> dict:
+    kind, configs, rep, seed, alpha = args
+    frame = seeded_grid(kind, configs, SEEDED_SEEDS, seed=[seed, configs, rep, 23])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # no cluster=: the audit clusters the seeds itself
+        row = audit(frame, ["metric"], "target", list(SEEDED_GRID_CONTROLS), seed=seed + rep,
+                    alpha=alpha).table.iloc[0]
+    _, p, _ = within_configuration_test(frame.metric.to_numpy(), frame.target.to_numpy(),
+                                        frame.config.to_numpy(), draws=SEEDED_DRAWS,
+                                        rng=np.random.default_rng([seed, configs, rep, 29]))
+    numeric, categorical = SEEDED_GRID_CONTROLS[:5], SEEDED_GRID_CONTROLS[5:]
+    basis = control_basis(frame[list(numeric)].to_numpy(float), frame[list(categorical)].to_numpy(),
+                          n=len(frame))
+    return {"kind": kind, "configs": configs, "rep": rep, "needs": basis.smooth_rows,
+            "rejects": bool(row.adj_p < alpha),
+            "claims": str(row.classification) in CLAIMS, "within": bool(p < alpha)}
+
+
+def seeded_study(configs_values: Sequence[int], reps: int, alpha: float, seed: int,
+                 workers: int) -> pd.DataFrame:
+    """The audit on grids with few configurations and several seeds each.
+
+    For every number of configurations in ``configs_values``, ``reps`` ledgers
+    of :func:`mbe_helpers.simulate.seeded_grid` (seven controls,
+    :data:`SEEDED_SEEDS` seeds per configuration) of each kind (``proxy``, a
+    conditional null; ``increment``, a signal) are audited with the defaults
+    (``adjust="auto"``, no ``cluster=``: the audit clusters the seeds by
+    configuration itself). Counted per ledger: the cross-fitted test rejects
+    (``adj_p < alpha``), the class claims information (:data:`CLAIMS`), and
+    the among-seeds test (:func:`mbe_helpers.crossfit.within_configuration_test`,
+    :data:`SEEDED_DRAWS` permutations) rejects.
+
+    Returns
+    -------
+    DataFrame
+        ``kind, configs, seeds, needs`` (the configurations the learner's
+        smooth block needs), ``reps`` and, for each of ``rejects, claims,
+        within``, the count, its rate and Wilson 95 % interval
+        (``rejects_rate, rejects_lo, rejects_hi``, ...).
+
+    Examples
+    --------
+    >>> t = seeded_study([20], reps=2, alpha=0.05, seed=0, workers=1)
+    >>> t[["kind", "configs", "seeds", "reps", "claims"]]
+            kind  configs  seeds  reps  claims
+    0      proxy       20      5     2       0
+    1  increment       20      5     2       2
+    """
+    tasks = [(kind, int(c), rep, seed, alpha) for c in configs_values
+             for kind in SEEDED_LABELS for rep in range(reps)]
+    ledgers = pd.DataFrame(_map_tasks(_seeded_task, tasks, workers))
+    records = []
+    for (kind, configs), group in ledgers.groupby(["kind", "configs"], sort=False):
+        record = {"kind": kind, "configs": int(configs), "seeds": SEEDED_SEEDS,
+                  "needs": int(group.needs.max()), "reps": len(group)}
+        for column in ("rejects", "claims", "within"):
+            count = int(group[column].sum())
+            lo, hi = wilson_interval(count, len(group))
+            record.update({column: count, f"{column}_rate": count / len(group),
+                           f"{column}_lo": lo, f"{column}_hi": hi})
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def seeded_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The seeded-grid study as text: rate and Wilson interval per ledger and test.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"kind": ["proxy"], "configs": [30], "seeds": [5], "reps": [40],
+    ...                   **{f"{c}{s}": [v] for c in ("rejects", "claims", "within")
+    ...                      for s, v in (("_rate", 0.5), ("_lo", 0.35), ("_hi", 0.65))}})
+    >>> seeded_table(t).iloc[0].tolist()
+    ['design proxy (null)', '30 x 5', '50 % (35.0–65.0 %)', '50 % (35.0–65.0 %)', '50 % (35.0–65.0 %)']
+    """
+    out = pd.DataFrame({"ledger": table.kind.map(SEEDED_LABELS),
+                        "configurations x seeds": [f"{c} x {s}" for c, s in
+                                                   zip(table.configs, table.seeds)]})
+    for column, label in (("rejects", "cross-fitted test rejects"),
+                          ("claims", "audit claims information"),
+                          ("within", "among-seeds test rejects")):
+        out[label] = _with_interval(table[f"{column}_rate"], table[f"{column}_lo"],
+                                    table[f"{column}_hi"])
+    return out
+
+
+def seeded_values(table: pd.DataFrame, alpha: float) -> dict:
+    """Values and sentences of the seeded-grid section.
+
+    Keys: ``seeded_reps, seeded_seeds, seeded_controls, seeded_configs_text,
+    seeded_needs``;
+    ``seeded_reject_sentence`` (the cross-fitted test on the nulls, with
+    :func:`null_status` per cell), ``seeded_claim_sentence`` (false claims on
+    the nulls, claims on the signals) and ``seeded_within_sentence`` (the
+    among-seeds test's size and power).
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"kind": ["proxy", "increment"], "configs": [30, 30], "seeds": 5,
+    ...                   "needs": 148, "reps": 40, "rejects": [24, 40], "rejects_rate": [0.6, 1.0],
+    ...                   "rejects_lo": [0.45, 0.91], "rejects_hi": [0.73, 1.0],
+    ...                   "claims": [0, 40], "claims_rate": [0.0, 1.0],
+    ...                   "within": [2, 40], "within_rate": [0.05, 1.0],
+    ...                   "within_lo": [0.01, 0.91], "within_hi": [0.17, 1.0]})
+    >>> v = seeded_values(t, 0.05)
+    >>> print(v["seeded_reject_sentence"])
+    the cross-fitted test rejects the design proxy in 60 % of the ledgers at 30 configurations
+    (Wilson 95 % interval 45.0–73.0 %: it over-rejects)
+    >>> print(v["seeded_claim_sentence"])
+    the audit claimed information beyond the controls in 0 of 40 null ledgers at 30
+    configurations, and in 40 of 40 of the increments
+    """
+    nulls, signals = table[table.kind == "proxy"], table[table.kind == "increment"]
+    configs = [int(c) for c in dict.fromkeys(table.configs)]
+    values = {"seeded_reps": int(table.reps.max()), "seeded_seeds": int(table.seeds.iloc[0]),
+              "seeded_controls": len(SEEDED_GRID_CONTROLS),
+              "seeded_configs_text": and_join([str(c) for c in configs]),
+              "seeded_needs": int(table.needs.max())}
+    rejects = [f"{pct(r.rejects_rate)} of the ledgers at {r.configs} configurations (Wilson 95 % "
+               f"interval {100 * r.rejects_lo:.1f}–{100 * r.rejects_hi:.1f} %: it "
+               f"{_STATUS_WORDS[null_status(r.rejects_lo, r.rejects_hi, alpha)]})"
+               for r in nulls.itertuples()]
+    values["seeded_reject_sentence"] = ("the cross-fitted test rejects the design proxy in "
+                                        + and_join(rejects))
+    claims = [f"{r.claims} of {r.reps} null ledgers at {r.configs} configurations"
+              for r in nulls.itertuples()]
+    hits = and_join([f"{r.claims} of {r.reps}" for r in signals.itertuples()])
+    values["seeded_claim_sentence"] = (f"the audit claimed information beyond the controls in "
+                                       f"{and_join(claims)}, and in {hits} of the increments")
+    size = and_join([f"{pct(r.within_rate)} at {r.configs} configurations"
+                     for r in nulls.itertuples()])
+    power = and_join([pct(r.within_rate) for r in signals.itertuples()])
+    values["seeded_within_sentence"] = (f"the among-seeds test rejected {size} of the nulls (its "
+                                        f"size) and {power} of the increments (its power)")
+    return values
 
 
 # --------------------------------------------------------------- coverage

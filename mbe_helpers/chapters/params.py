@@ -363,6 +363,7 @@ class AuditCalibrationParams(_Schema):
     focus_n: int
     claim_reps: Annotated[int, Field(ge=10)]
     twin_reps: Annotated[int, Field(ge=5)]
+    seeded_reps: Annotated[int, Field(ge=2)]
     placebos: Annotated[int, Field(ge=20, le=MAX_PLACEBOS)]
     seed: Seed
     workers: Count
@@ -447,7 +448,8 @@ def check(chapter: str, values: Mapping[str, Any]):
     Examples
     --------
     >>> values = dict(n_values=[60, 300], reps=20, scenarios=None, alpha=0.05, focus_n=60,
-    ...               claim_reps=20, twin_reps=5, placebos=50, seed=0, workers=1, results_dir=None)
+    ...               claim_reps=20, twin_reps=5, seeded_reps=4, placebos=50, seed=0, workers=1,
+    ...               results_dir=None)
     >>> check("05_audit_calibration", values).focus_n
     60
     >>> check("05_audit_calibration", {**values, "reps": True})
