@@ -358,6 +358,9 @@ def test_runs_that_repeat_configurations_are_clustered_by_them_without_cluster()
     for column in ["adj_r", "adj_lo", "adj_hi", "adj_p"]:
         assert auto[column].iloc[0] == named[column].iloc[0]
     assert "repeat 40 configurations of the controls (200 rows)" in auto.note.iloc[0]
+    # the same settings logged with floating-point jitter are the same configurations
+    jittered = grid.assign(lr=grid.lr * (1 + 1e-12 * np.arange(len(grid))))
+    assert "repeat 40 configurations" in audit(jittered, "metric", "target", controls).table.note[0]
     # three configurations (one categorical control) are levels, not seeds: no clusters
     rng = np.random.default_rng(0)
     levels = pd.DataFrame({"c": rng.choice(list("abc"), 90), "m": rng.normal(size=90),
