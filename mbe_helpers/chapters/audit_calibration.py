@@ -881,12 +881,15 @@ def _seeded_task(args: tuple) -> dict:
     _, p, _ = within_configuration_test(frame.metric.to_numpy(), frame.target.to_numpy(),
                                         frame.config.to_numpy(), draws=SEEDED_DRAWS,
                                         rng=np.random.default_rng([seed, configs, rep, 29]))
-    numeric, categorical = SEEDED_GRID_CONTROLS[:5], SEEDED_GRID_CONTROLS[5:]
-    basis = control_basis(frame[list(numeric)].to_numpy(float), frame[list(categorical)].to_numpy(),
-                          n=len(frame))
-    return {"kind": kind, "configs": configs, "rep": rep, "needs": basis.smooth_rows,
-            "rejects": bool(row.adj_p < alpha),
+    return {"kind": kind, "configs": configs, "rep": rep, "rejects": bool(row.adj_p < alpha),
             "claims": str(row.classification) in CLAIMS, "within": bool(p < alpha)}
+
+
+def _smooth_needs(frame: pd.DataFrame) -> int:
+    """The configurations the learner's smooth block needs for the seeded grid's controls."""
+    numeric, categorical = SEEDED_GRID_CONTROLS[:5], SEEDED_GRID_CONTROLS[5:]
+    return control_basis(frame[list(numeric)].to_numpy(float),
+                         frame[list(categorical)].to_numpy()).smooth_rows
 
 
 def seeded_study(configs_values: Sequence[int], reps: int, alpha: float, seed: int,
@@ -922,10 +925,11 @@ def seeded_study(configs_values: Sequence[int], reps: int, alpha: float, seed: i
     tasks = [(kind, int(c), rep, seed, alpha) for c in configs_values
              for kind in SEEDED_LABELS for rep in range(reps)]
     ledgers = pd.DataFrame(_map_tasks(_seeded_task, tasks, workers))
+    needs = _smooth_needs(seeded_grid("proxy", int(configs_values[0]), SEEDED_SEEDS, seed=seed))
     records = []
     for (kind, configs), group in ledgers.groupby(["kind", "configs"], sort=False):
-        record = {"kind": kind, "configs": int(configs), "seeds": SEEDED_SEEDS,
-                  "needs": int(group.needs.max()), "reps": len(group)}
+        record = {"kind": kind, "configs": int(configs), "seeds": SEEDED_SEEDS, "needs": needs,
+                  "reps": len(group)}
         for column in ("rejects", "claims", "within"):
             count = int(group[column].sum())
             lo, hi = wilson_interval(count, len(group))
