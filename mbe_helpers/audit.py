@@ -54,6 +54,8 @@ CLASSES = ("insufficient-data", "washout", "sign-inversion", "reverse-inversion"
 ADJUSTMENTS = ("auto", "rank", "crossfit")
 INTERVALS = ("fisher-z", "percentile")
 MAX_PLACEBOS = 10_000
+#: Smallest level accepted: below it 1 - alpha rounds to 1 and the normal quantiles are infinite.
+MIN_ALPHA = 1e-12
 MAX_BOOTSTRAP = 100_000
 #: Classes that claim the metric carries information beyond the controls.
 CLAIMS = ("survives", "hidden-after-control", "sign-inversion", "reverse-inversion")
@@ -457,6 +459,9 @@ def _control_rank(design: _Design) -> int:
 def _as_frame(data) -> pd.DataFrame:
     """Accept a DataFrame or a mapping of equal-length columns."""
     if isinstance(data, pd.DataFrame):
+        if isinstance(data.columns, pd.MultiIndex):
+            raise MBEInputError("the table has MultiIndex (tuple) column names; flatten them first, "
+                                "e.g. df.columns = ['_'.join(map(str, c)) for c in df.columns]")
         repeated = data.columns[data.columns.duplicated()].unique().tolist()
         if repeated:
             raise MBEInputError(f"column name {repeated[0]!r} appears more than once; give every "
@@ -490,7 +495,9 @@ def _names(value, what: str) -> list[str]:
         raise MBEInputError(f"{what} must be a column name or a list of names, got {value!r}") from None
     for name in names:
         if not isinstance(name, str):
-            raise MBEInputError(f"{what} must be column names (strings), got {name!r}")
+            raise MBEInputError(f"{what} must be column names (strings), got {name!r}; name the "
+                                f"table's columns with strings first, e.g. "
+                                f"df.columns = df.columns.map(str)")
     return names
 
 
@@ -514,7 +521,7 @@ def _check_request(df: pd.DataFrame, metrics: list[str], target: str, controls: 
               *([cluster] if cluster else [])]
     missing = [name for name in dict.fromkeys(wanted) if name not in df.columns]
     if missing:
-        available = ", ".join(map(str, df.columns))
+        available = ", ".join(map(str, df.columns)) or "none (the table has no columns)"
         plural = "s" if len(missing) > 1 else ""
         raise MBEInputError(f"unknown column{plural} {', '.join(map(repr, missing))}; "
                             f"available columns: {available}")
@@ -529,6 +536,10 @@ def _check_request(df: pd.DataFrame, metrics: list[str], target: str, controls: 
     _require_numeric(df[target], target)
     for name in [*controls, *([groupby] if groupby else []), *([cluster] if cluster else [])]:
         _require_labels(df[name], name)
+    for name in controls:
+        if pd.api.types.is_complex_dtype(df[name]):
+            raise MBEInputError(f"control {name!r} holds complex numbers; control for its real "
+                                f"part or its magnitude (np.abs) instead")
     if groupby:
         levels = df[groupby].nunique(dropna=True)
         if levels > max(20, len(df) // 2):
@@ -654,6 +665,10 @@ def partial_rank_corr(df, x: str, y: str, controls: Sequence[str] = ()) -> tuple
     (-0.1, True)
     """
     df = _as_frame(df)
+    for what, value in (("x", x), ("y", y)):
+        if not isinstance(value, str):
+            raise MBEInputError(f"{what} must be one column name (a string), got {value!r}; to "
+                                f"audit several metrics at once use audit()")
     controls = [c for c in _names(controls, "controls") if c not in (x, y)]
     _check_request(df, [x], y, controls, None, None)
     _require_numeric(df[x], x)
@@ -665,10 +680,18 @@ def partial_rank_corr(df, x: str, y: str, controls: Sequence[str] = ()) -> tuple
     return r, _t_pvalue(r, design.n - 2 - _control_rank(design)), design.n
 
 
-def _require_rows(frame: pd.DataFrame, metric: str, target: str, controls: list[str]) -> None:
-    """Refuse, in one sentence, data on which the partial correlation is undefined."""
+def _require_rows(frame: pd.DataFrame, metric: str, target: str, controls: list[str],
+                  source: pd.DataFrame | None = None, extra: Sequence[str] = ()) -> None:
+    """Refuse, in one sentence, data on which the partial correlation is undefined; ``source``
+    (the rows before dropping incomplete ones) names a column that is missing in every row."""
     needed = len(controls) + 3
     if len(frame) == 0:
+        columns = [metric, target, *controls, *extra]
+        empty = [] if source is None else [c for c in dict.fromkeys(columns)
+                                           if not _complete_rows(source, [c]).any()]
+        if empty:
+            raise MBEInputError(f"no complete rows for {metric!r}: column {empty[0]!r} has no "
+                                f"finite value in any row; fill it, or leave it out of the audit")
         raise MBEInputError(f"no complete rows for {metric!r}: every row misses the metric, the "
                             f"target or a control; fill or drop the missing values")
     if len(frame) < needed:
@@ -852,6 +875,7 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
     so a metric's intervals do not depend on which other metrics are audited.
     """
     _require_numeric(frame[metric], metric)
+    itself = metric in controls
     controls = [c for c in controls if c not in (metric, target)]
     extra = [c for c in (settings.cluster, settings.blocks) if c]
     mask = _complete_rows(frame, [metric, target, *controls, *extra])
@@ -859,11 +883,16 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
     row = {"group": group, "metric": metric, "n": int(mask.sum()),
            "n_dropped": int((~mask).sum()), "controls": ",".join(controls), "note": "",
            "adjust": "rank" if settings.adjust == "rank" else settings.adjust}
+    if itself:
+        _note(row, f"the control {metric!r} is this metric itself, so it is not controlled for "
+                   f"this metric")
+    for text in _category_notes(frame, controls):
+        _note(row, text)
     if strict:
         local = [c for c in _constant_columns(clean, controls) if c not in _constant_columns(frame, controls)]
         controls = [c for c in controls if c not in local]
         row["controls"] = ",".join(controls)
-        _require_rows(clean, metric, target, controls)
+        _require_rows(clean, metric, target, controls, frame, extra)
         if local:
             row["note"] = (f"constant in this metric's complete rows, not controlled: "
                            f"{', '.join(local)}")
@@ -882,14 +911,17 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
     span = _control_rank(design)
     if design.n - 2 - span < 1:
         problem = (f"only {design.n} complete rows for {metric!r}, but the controls span {span} "
-                   f"columns (each category level counts), which leaves no degree of freedom; "
-                   f"drop controls or add runs")
+                   f"columns (each category level counts{_widest_categories(clean, controls)}), "
+                   f"which leaves no degree of freedom; drop controls or add runs"
+                   + "".join(f"; {text}" for text in _category_notes(clean, controls)[:1]))
         if strict:
             raise MBEInputError(problem)
         row.update(raw_r=np.nan, raw_p=np.nan, partial_r=np.nan, partial_p=np.nan, diff=np.nan,
                    classification="insufficient-data", note=problem)
         return row
     raw, partial = (float(v[0]) for v in _rank_correlations(design, np.ones((1, design.n))))
+    for text in _degenerate_notes(design, raw, partial, metric, target):
+        _note(row, text)
     row.update(raw_r=raw, raw_p=_t_pvalue(raw, design.n - 2),
                partial_r=partial, partial_p=_t_pvalue(partial, design.n - 2 - span),
                diff=partial - raw,
@@ -908,6 +940,80 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
     if settings.adjust != "rank":
         row.update(_adjusted(clean, metric, target, controls, clusters, settings, rng, row))
     return row
+
+
+def _degenerate_notes(design: _Design, raw: float, partial: float, metric: str,
+                      target: str) -> list[str]:
+    """Why a correlation is +-1 or undefined: the metric copies the target, or the controls
+    determine the metric's or the target's ranks (nothing is left to correlate)."""
+    notes = []
+    if abs(raw) >= 1 - 1e-12:
+        notes.append(f"{metric!r} ranks the runs exactly as the target does (raw rho = "
+                     f"{raw:+.0f}): it is the target itself or a monotone copy of it, not a "
+                     f"metric of it")
+    if np.isnan(partial) and design.k:
+        q = _control_span(design)
+        for name, values in ((metric, design.metric), (target, design.target)):
+            ranks = stats.rankdata(values)
+            left = ranks - q @ (q.T @ ranks)
+            if np.linalg.norm(left) <= 1e-9 * np.linalg.norm(ranks - ranks.mean()):
+                notes.append(f"the controls determine the ranks of {name!r} exactly (a control copies "
+                             f"it or it is a function of them), so nothing is left to correlate"
+                             + ("; drop the control that copies the target" if name == target
+                                else ": it adds nothing beyond the controls"))
+    return notes
+
+
+def _category_notes(frame: pd.DataFrame, controls: list[str]) -> list[str]:
+    """Notes on controls one-hot encoded although they look ordered: numbers stored as text,
+    dates and durations (each distinct value becomes a level of its own)."""
+    notes = []
+    for name in controls:
+        column = frame[name]
+        if _is_numeric(column) or pd.api.types.is_bool_dtype(column):
+            continue
+        levels = column.nunique(dropna=True)
+        kind = ("dates or times" if pd.api.types.is_datetime64_any_dtype(column)
+                else "durations" if pd.api.types.is_timedelta64_dtype(column)
+                else "periods or intervals" if isinstance(column.dtype, (pd.PeriodDtype,
+                                                                         pd.IntervalDtype))
+                else "numbers stored as text" if _mostly_numbers(column)
+                else "dates stored as text" if _mostly_dates(column) else None)
+        if kind:
+            fix = ("pd.to_numeric(df[{0!r}])" if kind == "numbers stored as text"
+                   else "a number, e.g. days since the first run").format(name)
+            notes.append(f"control {name!r} holds {kind}, so it is controlled as a category with "
+                         f"{levels} levels, not by its order; convert it with {fix} to use the order")
+    return notes
+
+
+def _mostly_numbers(column: pd.Series) -> bool:
+    """Whether at least 90 % of the non-missing cells of a text column parse as numbers."""
+    values = column.dropna()
+    if not len(values) or not all(isinstance(v, str) for v in values.iloc[:50]):
+        return False
+    return bool(pd.to_numeric(values, errors="coerce").notna().mean() >= 0.9)
+
+
+def _mostly_dates(column: pd.Series) -> bool:
+    """Whether a text column starts with ISO dates (``2026-01-31``...) in 90 % of its cells.
+
+    Examples
+    --------
+    >>> _mostly_dates(pd.Series(["2026-01-31", "2026-02-01 10:00"])), _mostly_dates(pd.Series(["adam"]))
+    (True, False)
+    """
+    values = column.dropna()
+    if not len(values) or not isinstance(values.iloc[0], str):
+        return False
+    return bool(values.astype(str).str.match(r"\d{4}-\d{2}-\d{2}").mean() >= 0.9)
+
+
+def _widest_categories(frame: pd.DataFrame, controls: list[str]) -> str:
+    """``'; arch has 12 levels'`` for the categorical controls with the most levels ('' if none)."""
+    _, categorical = _split_controls(frame, controls)
+    levels = sorted(((frame[c].nunique(dropna=True), c) for c in categorical), reverse=True)[:2]
+    return "".join(f"; {c!r} has {k} levels" for k, c in levels)
 
 
 def _note(row: dict, text: str) -> None:
@@ -1243,6 +1349,14 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
     if blocks and blocks not in df.columns:
         raise MBEInputError(f"unknown column {blocks!r} for blocks; available columns: "
                             f"{', '.join(map(str, df.columns))}")
+    if blocks:
+        _require_labels(df[blocks], blocks)
+        labelled = df[blocks].dropna()
+        if 1 < labelled.nunique() == len(labelled):
+            raise MBEInputError(f"blocks={blocks!r} has a different value in every row, so no run "
+                                f"can trade places with another and every permutation p would be "
+                                f"1; pass the column that groups runs (e.g. the dataset) or drop "
+                                f"blocks=")
     if len(set(metrics)) != len(metrics):
         raise MBEInputError("a metric is listed twice; list each metric once")
     if not isinstance(dedupe, (bool, np.bool_)):
@@ -1322,6 +1436,9 @@ def _count_duplicates(rows: list[dict], groups, target: str, settings: _Settings
     total = 0
     for row in rows:
         frame, controls = frames[row["group"]]
+        if not _is_numeric(frame[row["metric"]]):          # refused already, with its reason
+            row["n_duplicates"] = 0
+            continue
         columns = [row["metric"], target, *[c for c in controls if c != row["metric"]],
                    *([settings.cluster] if settings.cluster else [])]
         count = int(frame.duplicated(subset=list(dict.fromkeys(columns))).sum())
@@ -1344,6 +1461,9 @@ def _check_folds_and_clusters(df: pd.DataFrame, settings: _Settings) -> None:
     if settings.cluster:
         labelled = df[settings.cluster].dropna()
         units, what = labelled.nunique(), f"clusters of {settings.cluster!r}"
+        if units == 0:
+            raise MBEInputError(f"cluster={settings.cluster!r} has no value in any row; fill it, "
+                                f"or drop cluster=")
         if settings.bootstrap and units < 2:
             raise MBEInputError(f"a cluster bootstrap needs at least 2 clusters, but "
                                 f"{settings.cluster!r} has {units}; drop cluster= or pool more runs")
@@ -1352,9 +1472,17 @@ def _check_folds_and_clusters(df: pd.DataFrame, settings: _Settings) -> None:
                                 "so each run is its own cluster, which is the same as no cluster; "
                                 "pass the column that groups runs (e.g. the configuration shared "
                                 "by its seeds) or drop cluster=")
-    if settings.adjust == "crossfit" and settings.folds > units:
+    most = units if settings.cluster else units // 2           # a fold needs 2 rows or 1 cluster
+    if settings.adjust == "crossfit" and settings.folds > most:
+        if most < 2:
+            one = what.replace("clusters", "cluster").replace("rows", "row")
+            count = f"{units} {what}" if units != 1 else f"1 {one}"
+            raise MBEInputError(f"cross-fitting needs at least 2 folds, and {count} cannot "
+                                f"fill them; use adjust='rank', or give more "
+                                f"{'clusters' if settings.cluster else 'rows'}")
         raise MBEInputError(f"folds={settings.folds} but there are only {units} {what}; "
-                            f"use at most {units} folds")
+                            f"cross-fitting needs {'one cluster' if settings.cluster else 'two rows'}"
+                            f" per fold, so use at most {most} folds")
 
 
 def _check_settings(bootstrap, permutations, effect, washout, ci, seed, cluster, blocks,
@@ -1371,8 +1499,8 @@ def _check_settings(bootstrap, permutations, effect, washout, ci, seed, cluster,
                             f"got washout={washout}, effect={effect}")
     if not 0 < ci < 1:
         raise MBEInputError(f"ci must be a coverage between 0 and 1, got {ci}")
-    if not 0 < alpha < 0.5:
-        raise MBEInputError(f"alpha must be a level between 0 and 0.5, got {alpha}")
+    if not MIN_ALPHA <= alpha < 0.5:
+        raise MBEInputError(f"alpha must be a level between {MIN_ALPHA:g} and 0.5, got {alpha}")
     if adjust not in ADJUSTMENTS:
         raise MBEInputError(f"unknown adjust {adjust!r}; choose one of {', '.join(ADJUSTMENTS)}")
     if interval not in INTERVALS:
@@ -1925,8 +2053,12 @@ class AuditResult:
         return out
 
     def _repr_html_(self) -> str:
-        return (self._compact().style.hide(axis="index")
-                .set_caption(self._caption()).to_html())
+        from html import escape
+
+        table = self._compact().style.hide(axis="index").set_caption(self._caption()).to_html()
+        notes = "".join(f"<li><b>{escape(label)}</b>: {escape(text)}</li>"
+                        for label, text in self._notes())
+        return table + (f"<ul>{notes}</ul>" if notes else "")
 
     def __rich__(self):
         from rich.table import Table
@@ -1944,11 +2076,24 @@ class AuditResult:
             style = colours.get(cells[-1], "")
             cells[-1] = f"[{style}]{cells[-1]}[/]" if style else cells[-1]
             table.add_row(*cells)
-        if not len(self.calibration):
-            table.caption = ("no placebo self-calibration run: placebos=200 checks the adjustment "
-                             "on this data" if not self.settings.get("placebos") else None)
-            return table
         from rich.console import Group
+
+        notes = self._notes()
+        if notes:
+            listed = Table(title="Notes", title_justify="left", show_header=False, box=None,
+                           padding=(0, 1))
+            listed.add_column(style="bold", no_wrap=True)
+            listed.add_column(overflow="fold")
+            for label, text in notes:
+                listed.add_row(label, text)
+            table = Group(table, listed)
+        if not len(self.calibration):
+            if self.settings.get("placebos"):
+                return table
+            from rich.text import Text
+
+            return Group(table, Text("no placebo self-calibration run: placebos=200 checks the "
+                                     "adjustment on this data", justify="center", style="italic"))
 
         check = Table(title="Placebo self-calibration (rejections at alpha)", header_style="bold")
         for col in ("group", "kind", "adjust", "K", "rate", "Wilson 95 %", "note"):
@@ -1957,6 +2102,13 @@ class AuditResult:
             check.add_row(r.group, r.kind, r.adjust, str(r.K), f"{r.rate:.1%}",
                           f"{r.lo:.1%}-{r.hi:.1%}", f"[red]{r.note}[/]" if r.note else "ok")
         return Group(table, check)
+
+    def _notes(self) -> list[tuple[str, str]]:
+        """``(label, note)`` of every row with a note; the label is the metric (and its group)."""
+        rows = self.table[self.table.note.fillna("") != ""]
+        grouped = not (self.table.group == "all").all()
+        return [(f"{r.group} / {r.metric}" if grouped else str(r.metric), str(r.note))
+                for r in rows.itertuples()]
 
     def show(self, console=None) -> None:
         """Print the table in the terminal (rich)."""

@@ -271,21 +271,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if clash:
         raise MBEInputError(f"--out {clash[0]} is the input file; write the report to another path "
                             "so the runs are not overwritten.")
+    for path in args.out:
+        _check_writable(path)
     with warnings.catch_warnings(record=True) as caught:  # e.g. MLflow columns that keep a prefix
         warnings.simplefilter("always")
         runs = read_runs(args.source, tracking_uri=args.tracking_uri,
                          status=None if args.status == ["all"] else args.status)
     for warning in caught:
         print(f"mbe-book: note: {warning.message}", file=sys.stderr)
+    tables, section = _comparators(runs, args)       # before the audit: its errors come first
     result = audit(runs, args.metrics, args.target, args.controls, groupby=args.groupby,
                    bootstrap=args.bootstrap, permutations=args.permutations, cluster=args.cluster,
                    seed=args.seed, effect=args.effect, washout=args.washout, adjust=args.adjust,
                    folds=args.folds, placebos=args.placebos, dedupe=args.dedupe)
     result.show(console=_console())
-    tables, section = _comparators(runs, args)
     print(section, end="")
     for path in args.out:
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".md":
             _write_atomic(path, result.to_markdown() + section)
         else:
@@ -312,11 +313,39 @@ def _comparators(runs: Any, args: argparse.Namespace) -> tuple[dict, str]:
     return tables, comparators_markdown(tables, args.target)
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse, before any work, a report path whose folder cannot be created or written to
+    (a probe file is created there and removed).
+
+    Examples
+    --------
+    >>> _check_writable(Path("/proc/report.md"))
+    Traceback (most recent call last):
+    ...
+    mbe_helpers.errors.MBEInputError: --out /proc/report.md: cannot write in /proc (No such file or directory); give a path in a folder you can write to.
+    """
+    import tempfile
+
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise MBEInputError(f"--out {path}: cannot write in {folder} ({exc.strerror or exc}); give "
+                            "a path in a folder you can write to.") from None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: a kill never leaves half a report."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise MBEInputError(f"--out {path}: could not write the report ({exc.strerror or exc}); "
+                            "give a path in a folder you can write to.") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

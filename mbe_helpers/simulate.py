@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from mbe_helpers.errors import MBEInputError
+
 #: Architecture offsets on the latent accuracy score (between-group effect).
 ARCH_OFFSETS = {"mlp": -1.5, "cnn": 0.0, "vit": 1.5}
 
@@ -315,8 +317,6 @@ def seeded_grid(kind: str, configs: int = 136, seeds: int = 5,
     ((12, 11), 4, 1)
     """
     if kind not in ("proxy", "increment"):
-        from mbe_helpers.errors import MBEInputError
-
         raise MBEInputError(f"kind must be 'proxy' or 'increment', got {kind!r}")
     rng = np.random.default_rng(seed)
     grid = pd.DataFrame({
@@ -513,6 +513,28 @@ def _simulate_cell(name, scenario, n, reps, seed, methods) -> list[dict]:
             for m, ps in rejections.items()]
 
 
+def _listed(value, what: str, kind) -> list:
+    """``value`` as a non-empty list of ``kind`` (one bare item is a list of one), or one sentence.
+
+    Examples
+    --------
+    >>> _listed(300, "n", int), _listed("raw", "methods", str)
+    ([300], ['raw'])
+    """
+    items = [value] if isinstance(value, (str, int, np.integer)) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise MBEInputError(f"{what} must be a list, got {value!r}") from None
+    if not items:
+        raise MBEInputError(f"{what} is empty; give at least one")
+    wrong = next((v for v in items if not isinstance(v, kind)), None)
+    if wrong is not None:
+        raise MBEInputError(f"{what} must hold {'names (strings)' if kind is str else 'integers'}, "
+                            f"got {wrong!r}")
+    return items
+
+
 def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (60, 150, 300, 1000),
                     reps: int = 200, methods: Sequence[str] = METHODS, alpha: float = 0.05,
                     seed: int = 0, workers: int = 2, progress: bool = True) -> pd.DataFrame:
@@ -543,21 +565,22 @@ def run_calibration(scenarios: Sequence[str] | None = None, n: Sequence[int] = (
     from mbe_helpers.audit import wilson_interval
     from tqdm.auto import tqdm
 
-    from mbe_helpers.errors import MBEInputError
-
-    names = [scenarios] if isinstance(scenarios, str) else list(scenarios or SCENARIOS)
+    names = list(SCENARIOS) if scenarios is None else _listed(scenarios, "scenarios", str)
     unknown = [s for s in names if s not in SCENARIOS]
     if unknown:
         raise MBEInputError(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
+    methods = _listed(methods, "methods", str)
     bad_methods = [m for m in methods if m not in METHODS]
     if bad_methods:
         raise MBEInputError(f"unknown method {bad_methods[0]!r}; methods: {', '.join(METHODS)}")
-    for name, value, least in (("reps", reps, 1), ("workers", workers, 1)):
+    for name, value, least in (("reps", reps, 1), ("workers", workers, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise MBEInputError(f"{name} must be an integer of at least {least}, got {value!r}")
-    if not all(isinstance(v, (int, np.integer)) and v >= 20 for v in n):
+    n = _listed(n, "n", (int, np.integer))
+    if not all(not isinstance(v, bool) and v >= 20 for v in n):
         raise MBEInputError(f"every sample size must be an integer of at least 20, got {list(n)}")
-    if not 0 < alpha < 0.5:
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating))
+            or not 0 < alpha < 0.5):
         raise MBEInputError(f"alpha must be a level between 0 and 0.5, got {alpha!r}")
     chunk = max(1, -(-reps // 4))                       # a cell in 4 chunks: workers share big cells
     cells = [(name, int(size), first, min(first + chunk, reps), seed, tuple(methods))

@@ -176,11 +176,13 @@ def test_permutation_p_tracks_parametric_p():
     assert audit(strong, "m", "y", ["b"], permutations=999).table.perm_p[0] == pytest.approx(1 / 1000)
 
 
-def test_permutation_within_singleton_blocks_cannot_move():
+def test_permutation_within_singleton_blocks_is_refused():
+    """Every run its own block: no permutation can move a run, so every p would be 1 (it was,
+    silently); the audit now says so instead."""
     df = ledger(n=30)
     df["block"] = np.arange(len(df))
-    row = audit(df, "m", "y", ["c1"], permutations=50, blocks="block").table.iloc[0]
-    assert row.perm_p == 1.0
+    with pytest.raises(MBEInputError, match="different value in every row"):
+        audit(df, "m", "y", ["c1"], permutations=50, blocks="block")
 
 
 def test_bh_qvalues_hand_computed():
@@ -263,6 +265,25 @@ def test_result_renders_everywhere():
     (lambda df: audit(df, "m", "y", effect=0.05, washout=0.1), r"0 < washout <= effect < 1"),
     (lambda df: audit(df, [], "y"), r"no metric given"),
     (lambda df: partial_rank_corr(df, "m", "q", ["c1"]), r"unknown column 'q'"),
+    # found by a fuzzing pass (each was a library traceback or a silent result before)
+    (lambda df: partial_rank_corr(df, ["m"], "y"), r"x must be one column name .* use audit\(\)"),
+    (lambda df: audit(df.assign(blk=[[1]] * len(df)), "m", "y", ["c1"], blocks="blk",
+                      permutations=20), r"column 'blk' holds list values"),
+    (lambda df: audit(df, "m", "y", ["c1"], alpha=1e-17), r"between 1e-12 and 0.5"),
+    (lambda df: audit(df.assign(z=df.c1 + 1j), "m", "y", ["z"]), r"control 'z' holds complex"),
+    (lambda df: audit(df.set_axis(pd.MultiIndex.from_tuples([(c, "") for c in df.columns]),
+                                  axis=1), "m", "y"), r"MultiIndex .* flatten them"),
+    (lambda df: audit(df.set_axis(range(df.shape[1]), axis=1), [0], 1),
+     r"must be column names \(strings\), got 0; .* df.columns.map\(str\)"),
+    (lambda df: audit(pd.DataFrame(), "m", "y"), r"available columns: none \(the table has no "),
+    (lambda df: audit(df.assign(g=np.nan), "m", "y", ["c1"], cluster="g", adjust="crossfit"),
+     r"cluster='g' has no value in any row"),
+    (lambda df: audit(df.assign(g=1), "m", "y", ["c1"], cluster="g", adjust="crossfit"),
+     r"needs at least 2 folds, and 1 cluster of 'g' cannot fill them"),
+    (lambda df: audit(df.assign(c6=np.nan), "m", "y", ["c6"]),
+     r"column 'c6' has no finite value in any row"),
+    (lambda df: audit(df.assign(lr=df.c2.astype(str)), "m", "y", ["lr"]),
+     r"'lr' has 40 levels.*numbers stored as text.*pd.to_numeric"),
 ])
 def test_bad_input_gets_one_sentence(call, message):
     with pytest.raises(MBEInputError, match=message) as info:
@@ -295,3 +316,38 @@ def test_awkward_controls_and_placebos_give_numbers_without_numpy_warnings():
         assert set(no_controls.calibration.kind) >= {"noise", "proxy"}
         audit(pd.DataFrame({"b": b, "m": rng.normal(size=60), "y": rng.normal(size=60)}),
               "m", "y", ["b"], adjust="crossfit", folds=2)
+
+
+def test_a_list_valued_metric_does_not_take_the_others_down():
+    """Found by a fuzzing pass: the duplicate count hashed the refused column and crashed."""
+    df = ledger(n=60).assign(bad=[[1.0, 2.0]] * 60)
+    table = audit(df, ["bad", "m"], "y", ["c1"], adjust="rank").table.set_index("metric")
+    assert np.isfinite(table.loc["m", "partial_r"])
+    assert "must be numeric" in table.loc["bad", "note"]
+
+
+@pytest.mark.parametrize("frame, metrics, controls, words", [
+    (lambda df: df.assign(cp=df.c1), ["cp", "m"], ["c1"], ("'cp'", "determine", "adds nothing")),
+    (lambda df: df.assign(cp=df.y), ["m"], ["c1", "cp"], ("'y'", "copies the target",)),
+    (lambda df: df.assign(cp=2 * df.y), ["cp", "m"], ["c1"], ("monotone copy",)),
+    (lambda df: df, ["m"], ["m", "c1"], ("the control 'm' is this metric itself",)),
+    (lambda df: df.assign(lr=df.c2.round(0).astype(str)), ["m"], ["c1", "lr"],
+     ("numbers stored as text", "pd.to_numeric")),
+    (lambda df: df.assign(day=pd.Timestamp("2026-01-01") + pd.to_timedelta(np.arange(len(df)) % 7,
+                                                                         unit="D")),
+     ["m"], ["c1", "day"], ("dates or times", "days since the first run")),
+    (lambda df: df.assign(day=[f"2026-01-0{1 + i % 7}" for i in range(len(df))]), ["m"],
+     ["c1", "day"], ("dates stored as text",)),
+])
+def test_silent_oddities_get_a_note(frame, metrics, controls, words):
+    """Found by a fuzzing pass: these gave numbers (or NaN) with no word of why."""
+    table = audit(frame(ledger(n=60)), metrics, "y", controls, adjust="rank").table
+    note = table.note.iloc[0]
+    assert all(w in note for w in words), note
+
+
+def test_the_printout_shows_the_notes():
+    """Found by a fuzzing pass: the terminal table never said why a metric was refused."""
+    df = ledger(n=60).assign(word="a")
+    text = str(audit(df, ["m", "word"], "y", ["c1"], adjust="rank"))
+    assert "column 'word' must be numeric" in text

@@ -136,6 +136,20 @@ def test_audit_bad_input_exits_2_with_one_line(capsys, runs_csv: Path, args, exp
     assert expected in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--out", "/proc/no/report.md"], "--out /proc/no/report.md: cannot write in /proc/no"),
+    (["--comparators", "nosuch"], "nosuch"),
+])
+def test_audit_refuses_before_auditing(capsys, runs_csv: Path, args, expected) -> None:
+    """Found by a fuzzing pass: these errors came after the whole audit (and its printed table),
+    an unwritable --out naming an internal temporary file."""
+    status = main(["audit", str(runs_csv), "--metrics", "loss_proxy", "--target", "final_acc",
+                   "--placebos", "0", *args])
+    captured = capsys.readouterr()
+    assert status == 2 and expected in one_error_line(captured.err)
+    assert "MBE audit" not in captured.out
+
+
 def test_audit_missing_file_from_the_console_script(tmp_path: Path) -> None:
     proc = subprocess.run([BIN / "mbe-book", "audit", str(tmp_path / "none.csv"), "--metrics", "a",
                            "--target", "b"], capture_output=True, text=True, check=False)

@@ -186,7 +186,10 @@ def test_learner_failure_gives_a_nan_row_not_a_crash(monkeypatch):
     (dict(placebos=-2), "placebos must be a non-negative integer"),
     (dict(placebos=10**6), "more than the limit of 10000"),
     (dict(interval="bca"), "unknown interval 'bca'"),
-    (dict(alpha=0.7), "alpha must be a level between 0 and 0.5"),
+    (dict(alpha=0.7), "alpha must be a level between 1e-12 and 0.5"),
+    (dict(alpha=1e-17), "alpha must be a level between 1e-12 and 0.5"),
+    (dict(folds=200, adjust="crossfit"), "so use at most 150 folds"),
+    (dict(folds=2, adjust="crossfit", cluster="one"), "cross-fitting needs at least 2 folds"),
     (dict(bootstrap=10, cluster="one"), "a cluster bootstrap needs at least 2 clusters"),
 ])
 def test_bad_settings_one_sentence(kwargs, message):
