@@ -695,8 +695,16 @@ def _require_rows(frame: pd.DataFrame, metric: str, target: str, controls: list[
         raise MBEInputError(f"no complete rows for {metric!r}: every row misses the metric, the "
                             f"target or a control; fill or drop the missing values")
     if len(frame) < needed:
-        raise MBEInputError(f"only {len(frame)} complete rows for {metric!r}; with {len(controls)} "
-                            f"control(s) the audit needs at least {needed}")
+        sparse = ""
+        if source is not None:
+            counts = {c: int(_complete_rows(source, [c]).sum())
+                      for c in dict.fromkeys([metric, target, *controls, *extra])}
+            name = min(counts, key=counts.get)
+            if counts[name] < needed:
+                sparse = (f" (column {name!r} has a value in only {counts[name]} of "
+                          f"{len(source)} rows)")
+        raise MBEInputError(f"only {len(frame)} complete rows for {metric!r}{sparse}; with "
+                            f"{len(controls)} control(s) the audit needs at least {needed}")
     constant = _constant_columns(frame, [metric, target, *controls])
     if constant:
         name = constant[0]
@@ -865,6 +873,9 @@ class _Settings:
     #: per (group, metric) on too few configurations: the metric, the target and the
     #: configuration codes, for the within-configuration test of a claim (computed only then)
     within: dict = field(default_factory=dict, repr=False)
+    #: per (group, metric) under crossfit: the residuals, neighbours, side and random stream of
+    #: the neighbour check of a claim (computed only then, see :func:`_withhold_local_claims`)
+    local: dict = field(default_factory=dict, repr=False)
 
 
 def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str],
@@ -936,10 +947,20 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
                                   settings.interval))
     if settings.permutations:
         blocks = clean[settings.blocks].to_numpy() if settings.blocks else None
-        row["perm_p"] = _permutation_p(design, settings.permutations, blocks, rng)
+        if blocks is not None and len(pd.unique(blocks)) == len(blocks):
+            row["perm_p"] = np.nan
+            _note(row, f"no permutation p: every run here is alone in its block of "
+                       f"{settings.blocks!r}, so no run can trade places with another")
+        else:
+            row["perm_p"] = _permutation_p(design, settings.permutations, blocks, rng)
     if settings.adjust != "rank":
         row.update(_adjusted(clean, metric, target, controls, clusters, settings, rng, row))
     return row
+
+
+#: Fewest rows from which a raw rho of +-1 is called a copy of the target (by chance it has
+#: probability 2 / n!: 1 in 20,160 at 8 rows, 1 in 3 at 3).
+COPY_ROWS = 8
 
 
 def _degenerate_notes(design: _Design, raw: float, partial: float, metric: str,
@@ -947,10 +968,10 @@ def _degenerate_notes(design: _Design, raw: float, partial: float, metric: str,
     """Why a correlation is +-1 or undefined: the metric copies the target, or the controls
     determine the metric's or the target's ranks (nothing is left to correlate)."""
     notes = []
-    if abs(raw) >= 1 - 1e-12:
-        notes.append(f"{metric!r} ranks the runs exactly as the target does (raw rho = "
-                     f"{raw:+.0f}): it is the target itself or a monotone copy of it, not a "
-                     f"metric of it")
+    if abs(raw) >= 1 - 1e-12 and design.n >= COPY_ROWS:
+        order = "exactly as the target does" if raw > 0 else "in exactly the target's reverse order"
+        notes.append(f"{metric!r} ranks the runs {order} (raw rho = {raw:+.0f}): it is the target "
+                     f"itself or a monotone copy of it, not a metric of it")
     if np.isnan(partial) and design.k:
         q = _control_span(design)
         for name, values in ((metric, design.metric), (target, design.target)):
@@ -980,10 +1001,12 @@ def _category_notes(frame: pd.DataFrame, controls: list[str]) -> list[str]:
                 else "numbers stored as text" if _mostly_numbers(column)
                 else "dates stored as text" if _mostly_dates(column) else None)
         if kind:
-            fix = ("pd.to_numeric(df[{0!r}])" if kind == "numbers stored as text"
-                   else "a number, e.g. days since the first run").format(name)
+            fix = {"numbers stored as text": f"convert it with pd.to_numeric(df[{name!r}])",
+                   "durations": "convert it to a number (e.g. its total seconds)",
+                   "periods or intervals": "convert it to a number (e.g. where each starts)"}.get(
+                       kind, "convert it to a number (e.g. days since the first run)")
             notes.append(f"control {name!r} holds {kind}, so it is controlled as a category with "
-                         f"{levels} levels, not by its order; convert it with {fix} to use the order")
+                         f"{levels} levels, not by its order; {fix} to use the order")
     return notes
 
 
@@ -1127,8 +1150,23 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
     if thin and configs < len(clean):                  # too few configurations, seeds repeat them
         settings.within[row["group"], metric] = (clean[metric].to_numpy(float),
                                                  clean[target].to_numpy(float), basis.rows)
+    settings.local[row["group"], metric] = (test.residuals, _neighbours(basis, clusters),
+                                            np.array([np.sign(test.r) or 1.0]),
+                                            rng.spawn(1)[0])   # a child stream: rng's draws stay
     return dict(adj_r=test.r, adj_p=test.p, adj_lo=test.lo, adj_hi=test.hi, adjust="crossfit",
                 _adj_stat=abs(test.statistic), _thin=thin, _configs=configs)
+
+
+#: Random pairings behind a claim's neighbour check (:func:`_withhold_local_claims`).
+LOCAL_DRAWS = 499
+
+
+def _neighbours(basis, clusters: np.ndarray | None) -> np.ndarray:
+    """:func:`mbe_helpers.crossfit.neighbour_rows` of this basis, cached on it."""
+    key = ("neighbours", None if clusters is None else pd.factorize(clusters)[0].tobytes())
+    if key not in basis.fits:
+        basis.fits[key] = crossfit.neighbour_rows(basis, clusters)
+    return basis.fits[key]
 
 
 #: Out-of-fold share of a metric's rank variance explained by the controls from which the
@@ -1175,6 +1213,7 @@ def _withhold_thin_claims(table: pd.DataFrame, settings: _Settings) -> None:
         alpha = settings.alpha
         controls = len(str(table.at[i, "controls"]).split(","))
         if np.isfinite(p) and p < alpha and np.sign(r) == np.sign(table.at[i, "adj_r"]):
+            settings.local.pop((table.at[i, "group"], table.at[i, "metric"]), None)  # design fixed
             _note_at(table, i, f"{cls} rests on the runs that share a configuration: "
                                f"{configs} configurations of {controls} controls are too few for "
                                f"the learner to learn the design's shape ({needs} needed), but "
@@ -1208,6 +1247,54 @@ def _withhold_thin_claims(table: pd.DataFrame, settings: _Settings) -> None:
                                f"({int(table.at[i, '_thin'])} needed), and can call a proxy of "
                                f"the design significant; among runs with the same controls "
                                f"r = {r:+.2f}, permutation p = {p:.3g}")
+
+
+def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
+    r"""Withhold (class ``inconclusive``, in place) a cross-fitted claim whose metric residuals
+    follow the target residuals of *neighbouring* runs, unless the association also holds
+    beyond what the neighbours share.
+
+    A run's own increment ties its metric to its own target only; a shape of
+    the controls that both share and the learner did not fit (a fast
+    oscillation, a step or an optimum of its own per task) ties it to the
+    targets of nearby runs as well, and then the GCM calls the proxy
+    associated at any n. For every claim (from the residuals kept in
+    ``settings.local``) :func:`mbe_helpers.crossfit.neighbour_test` gives the
+    one-sided p on the claim's side (uniform where the fit leaves no shared
+    shape) and :func:`mbe_helpers.crossfit.beyond_neighbour_p` that of the
+    association with the part of the target's residual that its neighbour
+    does not share; the claim is withheld where the first is below alpha and
+    the second is not. A claim resting on a configuration's seeds (see
+    :func:`_withhold_thin_claims`) is not checked: the seeds hold the design
+    fixed. A strong increment beside a small missed shape keeps its claim (a
+    sign inversion at n = 3000 whose neighbour check alone gave p = 0.03 kept
+    it with p < 1e-10).
+    Measured in the README ("Shapes the learner cannot represent") with
+    ``bench/unseen_nulls.py --claims`` and ``bench/weak_signals.py --claims``.
+    """
+    for i in table.index[table.classification.isin(CLAIMS) & (table.adjust == "crossfit")]:
+        kept = settings.local.get((table.at[i, "group"], table.at[i, "metric"]))
+        if kept is None:
+            continue
+        residuals, neighbours, side, rng = kept
+        e_m, e_y = residuals[:, 1:], residuals[:, 0]
+        local = crossfit.neighbour_test(e_m, e_y, neighbours, side, LOCAL_DRAWS, rng)[0]
+        if not local < settings.alpha:
+            continue
+        flagged = (f"the metric's residuals follow the target's residuals of neighbouring runs "
+                   f"too (nearest other configuration in the controls; one-sided p = "
+                   f"{local:.3g}), which a run's own increment cannot do")
+        beyond = crossfit.beyond_neighbour_p(e_m, e_y, neighbours, side)[0]
+        if beyond < settings.alpha:
+            _note_at(table, i, f"{flagged}; the association holds beyond what neighbours share "
+                               f"(p = {beyond:.3g}): the claim stands")
+            continue
+        _note_at(table, i, f"{table.at[i, 'classification']} withheld: {flagged}, and not beyond "
+                           f"what neighbours share (p = {beyond:.3g}): the metric and the target "
+                           f"likely share a shape of the controls that the learner did not fit "
+                           f"(a fast oscillation, a step or an optimum of its own per task, a "
+                           f"boundary between two controls); add a control that names that shape")
+        table.at[i, "classification"] = "inconclusive"
 
 
 def _within_configurations(table: pd.DataFrame, i, settings: _Settings) -> tuple[float, float]:
@@ -1363,7 +1450,8 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
         raise MBEInputError(f"dedupe must be True or False, got {dedupe!r}")
     _check_folds_and_clusters(df, settings)
     if dedupe:
-        df = df.drop_duplicates(subset=_audited_columns(metrics, target, controls, groupby, cluster))
+        columns = _audited_columns(metrics, target, controls, groupby, cluster)
+        df = df.drop_duplicates(subset=[c for c in columns if _hashable(df[c])])
     groups = [("all", df, controls, True)]
     if groupby:
         inner = [c for c in controls if c != groupby]
@@ -1376,6 +1464,7 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
     table = _finish_table(rows, settings)
     _gate_claims_by_twins(table, calibration, settings)
     _withhold_thin_claims(table, settings)
+    _withhold_local_claims(table, settings)
     table = table.drop(columns=["_adj_stat", "_thin", "_configs"], errors="ignore")
     return AuditResult(table=table, data=df, metrics=metrics,
                        target=target, controls=controls, groupby=groupby,
@@ -1400,6 +1489,12 @@ def _blas_controller():
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
+
+
+def _hashable(column: pd.Series) -> bool:
+    """Whether every cell can be compared for duplicates (not a list, set, dict or array)."""
+    return column.dtype != object or not any(isinstance(v, (list, set, dict, np.ndarray))
+                                             for v in column)
 
 
 def _audited_columns(metrics, target, controls, groupby, cluster) -> list[str]:
@@ -2010,8 +2105,7 @@ class AuditResult:
                  "| " + " | ".join(shown.columns) + " |",
                  "|" + "|".join("---" for _ in shown.columns) + "|"]
         lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-        notes = self.table.loc[self.table.note != "", ["group", "metric", "note"]]
-        lines += [""] + [f"- {r.group} / {r.metric}: {r.note}" for r in notes.itertuples()]
+        lines += [""] + [f"- {label}: {text}" for label, text in self._notes()]
         if len(self.calibration):
             lines += ["", "**Placebo self-calibration** (rejections at alpha; Wilson 95 % interval)", "",
                       "| group | kind | adjust | K | rejections | rate | interval | note |",
@@ -2078,6 +2172,9 @@ class AuditResult:
             table.add_row(*cells)
         from rich.console import Group
 
+        if not len(self.calibration) and not self.settings.get("placebos"):
+            table.caption = ("no placebo self-calibration run: placebos=200 checks the adjustment "
+                             "on this data")
         notes = self._notes()
         if notes:
             listed = Table(title="Notes", title_justify="left", show_header=False, box=None,
@@ -2088,12 +2185,7 @@ class AuditResult:
                 listed.add_row(label, text)
             table = Group(table, listed)
         if not len(self.calibration):
-            if self.settings.get("placebos"):
-                return table
-            from rich.text import Text
-
-            return Group(table, Text("no placebo self-calibration run: placebos=200 checks the "
-                                     "adjustment on this data", justify="center", style="italic"))
+            return table
 
         check = Table(title="Placebo self-calibration (rejections at alpha)", header_style="bold")
         for col in ("group", "kind", "adjust", "K", "rate", "Wilson 95 %", "note"):

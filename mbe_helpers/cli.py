@@ -287,6 +287,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     result.show(console=_console())
     print(section, end="")
     for path in args.out:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() == ".md":
             _write_atomic(path, result.to_markdown() + section)
         else:
@@ -314,8 +315,9 @@ def _comparators(runs: Any, args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def _check_writable(path: Path) -> None:
-    """Refuse, before any work, a report path whose folder cannot be created or written to
-    (a probe file is created there and removed).
+    """Refuse, before any work, a report path that cannot be written: a probe file is created
+    (and removed) in its folder, or in the nearest existing folder above it (nothing is
+    created for good here; the report's folders are made when it is written).
 
     Examples
     --------
@@ -327,8 +329,11 @@ def _check_writable(path: Path) -> None:
     import tempfile
 
     folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
             pass
     except OSError as exc:

@@ -1774,6 +1774,9 @@ class GCMTest:
     #: :math:`1 - \overline{e_M^2} / \operatorname{Var}(\operatorname{rank} M / (n + 1))`
     #: (:func:`adjusted_test` only; NaN from :func:`gcm_test`)
     explained: float | np.ndarray = float("nan")
+    #: the out-of-fold residuals, target first then every metric, (n, 1 + K)
+    #: (:func:`adjusted_test` only)
+    residuals: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def _cluster_sums(values: np.ndarray, clusters: np.ndarray | None) -> np.ndarray:
@@ -1880,7 +1883,8 @@ def adjusted_test(basis: ControlBasis, target: np.ndarray, metrics: np.ndarray, 
     n = len(residuals)
     spread = (column_ranks(responses[:, 1:]) / (n + 1)).var(axis=0)
     explained = 1.0 - (residuals[:, 1:] ** 2).mean(axis=0) / np.maximum(spread, 1e-300)
-    return replace(test, explained=float(explained[0]) if np.ndim(metrics) == 1 else explained)
+    return replace(test, explained=float(explained[0]) if np.ndim(metrics) == 1 else explained,
+                   residuals=residuals)
 
 
 def within_configuration_test(metric: np.ndarray, target: np.ndarray, rows: np.ndarray,
@@ -1937,6 +1941,122 @@ def within_configuration_test(metric: np.ndarray, target: np.ndarray, rows: np.n
         perms = shuffles_within(codes, min(256, draws - start), rng)
         exceed += int(np.sum(np.abs(e_m[perms] @ e_y) >= abs(statistic) - 1e-12))
     return float(statistic / scale), (1.0 + exceed) / (draws + 1.0), runs
+
+
+def neighbour_rows(basis: ControlBasis, clusters: np.ndarray | None = None) -> np.ndarray:
+    r"""Each run's nearest neighbour in the controls, for :func:`neighbour_test`: (n,) row
+    indices, -1 where a run has none.
+
+    The neighbour is the run closest in the ranks of the numeric controls with
+    many values (Euclidean), among the runs with the same one-hot levels and a
+    different configuration of the controls (and a different cluster, when
+    given): seeds of one configuration share its deviations, not only its
+    shape. Designs without such numeric controls have no neighbours.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = np.array([0.1, 0.2, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9])
+    >>> neighbour_rows(control_basis(u[:, None])).tolist()   # rows 1 and 2: one configuration
+    [2, 3, 3, 4, 5, 4, 7, 6, 7]
+    """
+    from scipy.spatial import cKDTree
+
+    n = basis.n
+    out = np.full(n, -1)
+    if basis.ranks is None or not basis.ranks.shape[1]:
+        return out
+    cells = (np.unique(basis.levels, axis=0, return_inverse=True)[1].ravel()
+             if basis.levels.shape[1] else np.zeros(n, dtype=int))
+    groups = basis.rows if clusters is None else pd.factorize(clusters)[0]
+    for cell in np.unique(cells):
+        members = np.flatnonzero(cells == cell)
+        if len(members) < 2:
+            continue
+        k = min(len(members), int(np.bincount(groups[members]).max()) + 1)
+        _, found = cKDTree(basis.ranks[members]).query(basis.ranks[members], k=k)
+        candidates = members[found.reshape(len(members), -1)]            # (m, k), self first
+        other = groups[candidates] != groups[members][:, None]
+        first = other.argmax(axis=1)
+        out[members] = np.where(other.any(axis=1), candidates[np.arange(len(members)), first], -1)
+    return out
+
+
+def neighbour_test(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray, sign: np.ndarray,
+                   draws: int = 499, rng: np.random.Generator | None = None) -> np.ndarray:
+    r"""One-sided p-values (K,) of the neighbour cross-products of residual columns ``e_m``
+    (n, K) with the target's residuals ``e_y`` (n,), on the side ``sign`` (K,).
+
+    A run's own increment (a trait the metric measures) ties its metric to its
+    *own* target; a shape of the controls that the learner missed ties it to
+    the target of a *neighbouring* run too. With :math:`j(i)` the neighbour of
+    run :math:`i` (:func:`neighbour_rows`), the statistic is
+
+    .. math:: N = \sum_i e_{M,i}\, e_{Y,j(i)},
+
+    and its reference is the same sum over random pairings of the runs
+    (``draws`` of them): :math:`p = (1 + \#\{\pm N^* \ge \pm N\}) / (1 +
+    \mathrm{draws})`. Where the cross-fit leaves no shape of the controls in
+    both residuals, :math:`N` has mean zero whatever the metric's increment,
+    so this p is uniform there; NaN without neighbours.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> u = rng.uniform(size=300)
+    >>> shared = np.sin(40 * u)                            # a fast shape both residuals keep
+    >>> near = neighbour_rows(control_basis(u[:, None]))
+    >>> p = neighbour_test(np.column_stack([shared + rng.normal(size=300), rng.normal(size=300)]),
+    ...                    shared + rng.normal(size=300), near, np.ones(2), rng=rng)
+    >>> bool(p[0] < 0.01), bool(p[1] > 0.05)
+    (True, True)
+    """
+    e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
+    paired = np.flatnonzero(neighbours >= 0)
+    if len(paired) < 3:
+        return np.full(e_m.shape[1], np.nan)
+    rng = np.random.default_rng(0) if rng is None else rng
+    observed = e_y[neighbours[paired]] @ e_m[paired]                          # (K,)
+    shuffled = e_y[rng.permuted(np.tile(np.arange(len(e_y)), (draws, 1)), axis=1)[:, :len(paired)]]
+    reference = shuffled @ e_m[paired]                                         # (draws, K)
+    exceed = (sign * reference >= sign * observed - 1e-12).sum(axis=0)
+    return (1.0 + exceed) / (1.0 + draws)
+
+
+def beyond_neighbour_p(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray,
+                       sign: np.ndarray) -> np.ndarray:
+    r"""One-sided p-values (K,) of the association of residual columns ``e_m`` (n, K) with
+    the part of the target's residual ``e_y`` that its neighbour does not share.
+
+    With :math:`d_i = e_{M,i}\,(e_{Y,i} - e_{Y,j(i)})` over the runs with a
+    neighbour :math:`j(i)` (:func:`neighbour_rows`), the statistic is the
+    studentised sum :math:`\sum_i d_i / (s_d \sqrt{m})` on the side ``sign``,
+    referred to the normal: a shape of the controls that neighbours share
+    cancels in the difference, a run's own increment does not. NaN with fewer
+    than 3 such runs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> u = rng.uniform(size=300)
+    >>> trait, shared = rng.normal(size=300), np.sin(40 * u)
+    >>> near = neighbour_rows(control_basis(u[:, None]))
+    >>> p = beyond_neighbour_p(np.column_stack([trait + shared, shared + rng.normal(size=300)]),
+    ...                        trait + shared + rng.normal(size=300), near, np.ones(2))
+    >>> bool(p[0] < 0.01), bool(p[1] > 0.05)
+    (True, True)
+    """
+    e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
+    paired = np.flatnonzero(neighbours >= 0)
+    if len(paired) < 3:
+        return np.full(e_m.shape[1], np.nan)
+    d = e_m[paired] * (e_y[paired] - e_y[neighbours[paired]])[:, None]        # (m, K)
+    spread = d.std(axis=0, ddof=1) * np.sqrt(len(paired))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = sign * d.sum(axis=0) / spread
+    return np.where(spread > 0, stats.norm.sf(z), np.nan)
 
 
 def shuffles_within(groups: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

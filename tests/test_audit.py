@@ -282,6 +282,8 @@ def test_result_renders_everywhere():
      r"needs at least 2 folds, and 1 cluster of 'g' cannot fill them"),
     (lambda df: audit(df.assign(c6=np.nan), "m", "y", ["c6"]),
      r"column 'c6' has no finite value in any row"),
+    (lambda df: audit(df.assign(c6=np.where(np.arange(len(df)) == 0, 1.0, np.nan)), "m", "y",
+                      ["c1", "c6"]), r"only 1 complete rows .*column 'c6' has a value in only 1 of 40"),
     (lambda df: audit(df.assign(lr=df.c2.astype(str)), "m", "y", ["lr"]),
      r"'lr' has 40 levels.*numbers stored as text.*pd.to_numeric"),
 ])

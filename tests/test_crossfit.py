@@ -1,5 +1,6 @@
 """The calibrated audit: cross-fitted adjustment, evidence classes, placebos, honest intervals."""
 
+import importlib
 import re
 from dataclasses import replace
 
@@ -12,6 +13,8 @@ from mbe_helpers import MBEInputError, audit
 from mbe_helpers import crossfit
 from mbe_helpers.audit import CLAIMS, _fisher_interval, classify_with_evidence, wilson_interval
 from mbe_helpers.simulate import SCENARIOS, crossfit_test
+
+audit_module = importlib.import_module("mbe_helpers.audit")  # the package exports the function
 
 
 def u_proxy(n, seed=0):
@@ -612,9 +615,40 @@ def test_a_claim_on_too_few_rows_for_the_smooth_block_is_withheld(monkeypatch):
     assert rich.classification == "survives" and "withheld" not in rich.note
 
 
-def test_twin_placebos_withhold_the_claim_of_a_grid_shaped_proxy(learner_without_smooth_block):
+@pytest.fixture
+def without_neighbour_check(monkeypatch):
+    """The audit before claims were checked against neighbouring runs."""
+    monkeypatch.setattr(audit_module, "_withhold_local_claims", lambda table, settings: None)
+
+
+def test_the_neighbour_check_withholds_a_missed_shape(learner_without_smooth_block):
+    """The grid-shaped proxy that a learner without its smooth block misses (the ledger of the
+    twin test below): its residuals follow the target's residuals of neighbouring runs too."""
+    scenario = SCENARIOS["grid_proxy_5"]
+    frame = scenario.generate(np.random.default_rng([0, 60]), 60)
+    row = audit(frame, "metric", "target", list(scenario.controls), seed=0).table.iloc[0]
+    assert row.classification == "inconclusive" and "survives withheld" in row.note
+    assert "neighbouring runs" in row.note and "_local_p" not in row.index
+
+
+def test_the_neighbour_check_is_uniform_where_nothing_is_missed():
+    """A metric of pure noise against a target that the controls explain: the neighbour check's
+    p-values spread over (0, 1] (no shape shared, whatever the target's)."""
+    rng = np.random.default_rng(4)
+    p = []
+    for _ in range(60):
+        b = rng.uniform(size=(200, 2))
+        e_y, e_m = rng.normal(size=200), rng.normal(size=(200, 1))
+        near = crossfit.neighbour_rows(crossfit.control_basis(b))
+        p.append(crossfit.neighbour_test(e_m, e_y, near, np.ones(1), 199, rng)[0])
+    assert 0.01 < np.mean(np.array(p) < 0.05) < 0.15 and 0.4 < np.mean(p) < 0.6
+
+
+def test_twin_placebos_withhold_the_claim_of_a_grid_shaped_proxy(learner_without_smooth_block,
+                                                                  without_neighbour_check):
     """The ledger (seed 0, n = 60) of the grid-shaped proxy on which the plain auto audit of a
-    learner that misses its shape (no smooth block: 57 % at n = 60) calls the metric 'survives'."""
+    learner that misses its shape (no smooth block: 57 % at n = 60) calls the metric 'survives'
+    (without the neighbour check, which withholds it too: see the test above)."""
     scenario = SCENARIOS["grid_proxy_5"]
     frame = scenario.generate(np.random.default_rng([0, 60]), 60)
     controls = list(scenario.controls)
