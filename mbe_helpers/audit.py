@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -876,6 +877,8 @@ class _Settings:
     #: per (group, metric) under crossfit: the residuals, neighbours, side and random stream of
     #: the neighbour check of a claim (computed only then, see :func:`_withhold_local_claims`)
     local: dict = field(default_factory=dict, repr=False)
+    #: per (group, controls): the notes on controls one-hot encoded although they look ordered
+    category_notes: dict = field(default_factory=dict, repr=False)
 
 
 def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str],
@@ -897,7 +900,10 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
     if itself:
         _note(row, f"the control {metric!r} is this metric itself, so it is not controlled for "
                    f"this metric")
-    for text in _category_notes(frame, controls):
+    key = (group, tuple(controls))
+    if key not in settings.category_notes:               # once per group, not per metric
+        settings.category_notes[key] = _category_notes(frame, controls)
+    for text in settings.category_notes[key]:
         _note(row, text)
     if strict:
         local = [c for c in _constant_columns(clean, controls) if c not in _constant_columns(frame, controls)]
@@ -993,7 +999,6 @@ def _category_notes(frame: pd.DataFrame, controls: list[str]) -> list[str]:
         column = frame[name]
         if _is_numeric(column) or pd.api.types.is_bool_dtype(column):
             continue
-        levels = column.nunique(dropna=True)
         kind = ("dates or times" if pd.api.types.is_datetime64_any_dtype(column)
                 else "durations" if pd.api.types.is_timedelta64_dtype(column)
                 else "periods or intervals" if isinstance(column.dtype, (pd.PeriodDtype,
@@ -1006,16 +1011,23 @@ def _category_notes(frame: pd.DataFrame, controls: list[str]) -> list[str]:
                    "periods or intervals": "convert it to a number (e.g. where each starts)"}.get(
                        kind, "convert it to a number (e.g. days since the first run)")
             notes.append(f"control {name!r} holds {kind}, so it is controlled as a category with "
-                         f"{levels} levels, not by its order; {fix} to use the order")
+                         f"{column.nunique(dropna=True)} levels, not by its order; {fix} to use "
+                         f"the order")
     return notes
 
 
 def _mostly_numbers(column: pd.Series) -> bool:
     """Whether at least 90 % of the non-missing cells of a text column parse as numbers."""
     values = column.dropna()
-    if not len(values) or not all(isinstance(v, str) for v in values.iloc[:50]):
+    head = values.iloc[:20]
+    if not len(values) or not all(isinstance(v, str) for v in head):
+        return False
+    if pd.to_numeric(head, errors="coerce").notna().mean() < 0.9:    # most text is not numbers
         return False
     return bool(pd.to_numeric(values, errors="coerce").notna().mean() >= 0.9)
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def _mostly_dates(column: pd.Series) -> bool:
@@ -1027,9 +1039,9 @@ def _mostly_dates(column: pd.Series) -> bool:
     (True, False)
     """
     values = column.dropna()
-    if not len(values) or not isinstance(values.iloc[0], str):
+    if not len(values) or not isinstance(values.iloc[0], str) or not _ISO_DATE.match(values.iloc[0]):
         return False
-    return bool(values.astype(str).str.match(r"\d{4}-\d{2}-\d{2}").mean() >= 0.9)
+    return bool(values.astype(str).str.match(_ISO_DATE.pattern).mean() >= 0.9)
 
 
 def _widest_categories(frame: pd.DataFrame, controls: list[str]) -> str:
@@ -1272,7 +1284,8 @@ def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
     Measured in the README ("Shapes the learner cannot represent") with
     ``bench/unseen_nulls.py --claims`` and ``bench/weak_signals.py --claims``.
     """
-    for i in table.index[table.classification.isin(CLAIMS) & (table.adjust == "crossfit")]:
+    claims = np.isin(table.classification.to_numpy(), CLAIMS) & (table.adjust == "crossfit").to_numpy()
+    for i in table.index[claims]:
         kept = settings.local.get((table.at[i, "group"], table.at[i, "metric"]))
         if kept is None:
             continue

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "book" / "05_audit_calibration.ipynb"
 STEM = "05_audit_calibration"
 DEFAULTS = dict(n_values=[60, 150, 300, 1000], reps=200, scenarios=None, alpha=0.05, focus_n=300,
-                claim_reps=200, twin_reps=40, seeded_reps=40, placebos=200, seed=0, workers=2,
+                claim_reps=100, twin_reps=40, seeded_reps=40, placebos=200, seed=0, workers=2,
                 results_dir="out")
 
 # Rejections out of REPS per (scenario, n, method): u_proxy breaks the rank-linear tests and
