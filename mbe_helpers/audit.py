@@ -676,9 +676,12 @@ def partial_rank_corr(df, x: str, y: str, controls: Sequence[str] = ()) -> tuple
     frame = df.loc[_complete_rows(df, [x, y, *controls])]
     _require_rows(frame, x, y, controls)
     design = _build_design(frame, x, y, controls)
-    _, partial = _rank_correlations(design, np.ones((1, design.n)))
-    r = float(partial[0])
-    return r, _t_pvalue(r, design.n - 2 - _control_rank(design)), design.n
+    raw, partial = (float(v[0]) for v in _rank_correlations(design, np.ones((1, design.n))))
+    if np.isnan(partial):
+        reasons = _degenerate_notes(design, raw, partial, x, y)
+        raise MBEInputError(f"the partial correlation of {x!r} and {y!r} is undefined: "
+                            + (reasons[-1] if reasons else "nothing is left after the controls"))
+    return partial, _t_pvalue(partial, design.n - 2 - _control_rank(design)), design.n
 
 
 def _require_rows(frame: pd.DataFrame, metric: str, target: str, controls: list[str],
@@ -1527,7 +1530,10 @@ def _isolated_rows(groups, metrics: list[str], target: str, settings: _Settings)
                 rows.append(_audit_one(frame, metric, target, controls, name, settings, strict, i))
             except MBEInputError as exc:
                 refused.append(exc) if strict else None
-                rows.append({"group": name, "metric": metric, "n": 0, "n_dropped": len(frame),
+                complete = (int(_complete_rows(frame, [metric, target, *controls]).sum())
+                            if _is_numeric(frame[metric]) else 0)      # e.g. a constant metric
+                rows.append({"group": name, "metric": metric, "n": complete,
+                             "n_dropped": len(frame) - complete,
                              "raw_r": np.nan, "raw_p": np.nan, "partial_r": np.nan,
                              "partial_p": np.nan, "diff": np.nan, "adjust": settings.adjust,
                              "classification": "insufficient-data", "controls": ",".join(controls),

@@ -267,6 +267,8 @@ def test_result_renders_everywhere():
     (lambda df: partial_rank_corr(df, "m", "q", ["c1"]), r"unknown column 'q'"),
     # found by a fuzzing pass (each was a library traceback or a silent result before)
     (lambda df: partial_rank_corr(df, ["m"], "y"), r"x must be one column name .* use audit\(\)"),
+    (lambda df: partial_rank_corr(df.assign(cp=df.c1), "cp", "y", ["c1"]),
+     r"undefined: the controls determine the ranks of 'cp' exactly"),
     (lambda df: audit(df.assign(blk=[[1]] * len(df)), "m", "y", ["c1"], blocks="blk",
                       permutations=20), r"column 'blk' holds list values"),
     (lambda df: audit(df, "m", "y", ["c1"], alpha=1e-17), r"between 1e-12 and 0.5"),
