@@ -1982,6 +1982,13 @@ def neighbour_rows(basis: ControlBasis, clusters: np.ndarray | None = None) -> n
     return out
 
 
+def _paired(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray) -> tuple:
+    """``e_m`` as (n, K) and the runs that have a neighbour (None when fewer than 3 do)."""
+    e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
+    paired = np.flatnonzero(neighbours >= 0)
+    return e_m, (paired if len(paired) >= 3 else None)
+
+
 def neighbour_test(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray, sign: np.ndarray,
                    draws: int = 499, rng: np.random.Generator | None = None) -> np.ndarray:
     r"""One-sided p-values (K,) of the neighbour cross-products of residual columns ``e_m``
@@ -2012,9 +2019,8 @@ def neighbour_test(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray, sig
     >>> bool(p[0] < 0.01), bool(p[1] > 0.05)
     (True, True)
     """
-    e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
-    paired = np.flatnonzero(neighbours >= 0)
-    if len(paired) < 3:
+    e_m, paired = _paired(e_m, e_y, neighbours)
+    if paired is None:
         return np.full(e_m.shape[1], np.nan)
     rng = np.random.default_rng(0) if rng is None else rng
     observed = e_y[neighbours[paired]] @ e_m[paired]                          # (K,)
@@ -2048,9 +2054,8 @@ def beyond_neighbour_p(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray,
     >>> bool(p[0] < 0.01), bool(p[1] > 0.05)
     (True, True)
     """
-    e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
-    paired = np.flatnonzero(neighbours >= 0)
-    if len(paired) < 3:
+    e_m, paired = _paired(e_m, e_y, neighbours)
+    if paired is None:
         return np.full(e_m.shape[1], np.nan)
     d = e_m[paired] * (e_y[paired] - e_y[neighbours[paired]])[:, None]        # (m, K)
     spread = d.std(axis=0, ddof=1) * np.sqrt(len(paired))
