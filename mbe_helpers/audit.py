@@ -1165,9 +1165,10 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
     if thin and configs < len(clean):                  # too few configurations, seeds repeat them
         settings.within[row["group"], metric] = (clean[metric].to_numpy(float),
                                                  clean[target].to_numpy(float), basis.rows)
-    settings.local[row["group"], metric] = (test.residuals, _neighbours(basis, clusters),
-                                            np.array([np.sign(test.r) or 1.0]),
-                                            rng.spawn(1)[0])   # a child stream: rng's draws stay
+    if test.p < settings.alpha:                   # a claim needs it; keep only what may claim
+        settings.local[row["group"], metric] = (test.residuals, _neighbours(basis, clusters),
+                                                np.array([np.sign(test.r) or 1.0]),
+                                                rng.spawn(1)[0])   # a child stream: rng stays
     return dict(adj_r=test.r, adj_p=test.p, adj_lo=test.lo, adj_hi=test.hi, adjust="crossfit",
                 _adj_stat=abs(test.statistic), _thin=thin, _configs=configs)
 
