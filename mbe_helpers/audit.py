@@ -559,9 +559,7 @@ def _require_numeric(series: pd.Series, name: str) -> None:
 
 def _require_labels(series: pd.Series, name: str) -> None:
     """Refuse a control, cluster or group column whose cells are lists, arrays or dicts."""
-    if series.dtype != object:
-        return
-    bad = next((v for v in series if isinstance(v, (list, set, dict, np.ndarray))), None)
+    bad = _unhashable_cell(series)
     if bad is not None:
         raise MBEInputError(f"column {name!r} holds {type(bad).__name__} values (e.g. "
                             f"{str(bad)[:40]}), not one number or label per run; convert it first, "
@@ -933,7 +931,7 @@ def _audit_one(frame: pd.DataFrame, metric: str, target: str, controls: list[str
         problem = (f"only {design.n} complete rows for {metric!r}, but the controls span {span} "
                    f"columns (each category level counts{_widest_categories(clean, controls)}), "
                    f"which leaves no degree of freedom; drop controls or add runs"
-                   + "".join(f"; {text}" for text in _category_notes(clean, controls)[:1]))
+                   + "".join(f"; {text}" for text in settings.category_notes[key][:1]))
         if strict:
             raise MBEInputError(problem)
         row.update(raw_r=np.nan, raw_p=np.nan, partial_r=np.nan, partial_p=np.nan, diff=np.nan,
@@ -1288,10 +1286,9 @@ def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
     Measured in the README ("Shapes the learner cannot represent") with
     ``bench/unseen_nulls.py --claims`` and ``bench/weak_signals.py --claims``.
     """
-    claims = np.isin(table.classification.to_numpy(), CLAIMS) & (table.adjust == "crossfit").to_numpy()
-    for i in table.index[claims]:
+    for i in table.index[np.isin(table.classification.to_numpy(), CLAIMS)]:
         kept = settings.local.get((table.at[i, "group"], table.at[i, "metric"]))
-        if kept is None:
+        if kept is None:                          # only cross-fitted rows that may claim keep one
             continue
         residuals, neighbours, side, rng = kept
         e_m, e_y = residuals[:, 1:], residuals[:, 0]
@@ -1468,7 +1465,7 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
     _check_folds_and_clusters(df, settings)
     if dedupe:
         columns = _audited_columns(metrics, target, controls, groupby, cluster)
-        df = df.drop_duplicates(subset=[c for c in columns if _hashable(df[c])])
+        df = df.drop_duplicates(subset=[c for c in columns if _unhashable_cell(df[c]) is None])
     groups = [("all", df, controls, True)]
     if groupby:
         inner = [c for c in controls if c != groupby]
@@ -1508,10 +1505,12 @@ def _blas_controller():
     return ThreadpoolController()
 
 
-def _hashable(column: pd.Series) -> bool:
-    """Whether every cell can be compared for duplicates (not a list, set, dict or array)."""
-    return column.dtype != object or not any(isinstance(v, (list, set, dict, np.ndarray))
-                                             for v in column)
+def _unhashable_cell(column: pd.Series):
+    """The first cell that is a list, set, dict or array (it cannot be one label per run nor be
+    compared for duplicates), or None."""
+    if column.dtype != object:
+        return None
+    return next((v for v in column if isinstance(v, (list, set, dict, np.ndarray))), None)
 
 
 def _audited_columns(metrics, target, controls, groupby, cluster) -> list[str]:
