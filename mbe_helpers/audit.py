@@ -1382,7 +1382,8 @@ def audit(df, metrics, target: str, controls=(), *, groupby: str | None = None,
         Coverage of the intervals.
     adjust : {"auto", "rank", "crossfit"}
         ``"rank"``: the published MBE, classes from the point estimates
-        (:func:`classify`). ``"crossfit"``: the cross-fitted nonlinear
+        (:func:`classify`; a claim the evidence does not carry is kept and
+        noted). ``"crossfit"``: the cross-fitted nonlinear
         adjustment of :mod:`mbe_helpers.crossfit` decides, and classes need
         evidence (:func:`classify_with_evidence`). ``"auto"``: crossfit where
         a metric has at least 40 complete rows and 8 per fold (clusters: at
@@ -1657,6 +1658,8 @@ def _finish_table(rows: list[dict], settings: _Settings) -> pd.DataFrame:
                 table[column] = np.nan
         table["adj_q"] = bh_qvalues(table["adj_p"])
         _evidence_classes(table, settings)
+    else:
+        _threshold_notes(table, settings)
     first = ["group", "metric", "n", "n_dropped", "raw_r", "raw_p", "partial_r", "partial_p",
              "diff", "classification"]
     rest = [c for c in table.columns if c not in first and c not in ("controls", "note")]
@@ -1666,21 +1669,41 @@ def _finish_table(rows: list[dict], settings: _Settings) -> pd.DataFrame:
 _Z90_OVER_Z95 = stats.norm.ppf(0.95) / stats.norm.ppf(0.975)
 
 
+def _row_evidence(row, settings: _Settings) -> tuple[str, str]:
+    """:func:`classify_with_evidence` of one table row, on its cross-fitted columns when they
+    decided it, else on the rank-linear partial correlation with a Fisher-z interval."""
+    if row.adjust == "crossfit":
+        estimate, p, q = row.adj_r, row.adj_p, row.adj_q
+        lo90, hi90 = _narrow(row.adj_r, row.adj_lo, row.adj_hi)
+    else:
+        k = len([c for c in str(row.controls).split(",") if c])
+        estimate, p, q = row.partial_r, row.partial_p, row.q
+        lo90, hi90 = _fisher_interval(row.partial_r, row.n - 3 - k, 0.90)
+    return classify_with_evidence(row.raw_r, row.raw_p, estimate, q, lo90, hi90, int(row.n),
+                                  settings.effect, settings.washout, settings.alpha,
+                                  adjusted_p=p)
+
+
+def _threshold_notes(table: pd.DataFrame, settings: _Settings) -> None:
+    """Under ``adjust="rank"`` the published classes stay (thresholds on the point estimates);
+    a claim that the evidence at this n does not carry gets a note saying so (in place)."""
+    for i, row in table.iterrows():
+        if row.classification not in CLAIMS:
+            continue
+        cls, _ = _row_evidence(row, settings)
+        if cls == "inconclusive":
+            _note_at(table, i, f"{row.classification!r} comes from the point estimates alone "
+                                f"(adjust='rank', the published MBE): at n = {int(row.n)} the "
+                                f"evidence does not carry it (partial p = {row.partial_p:.2g}); "
+                                "adjust='auto' calls it inconclusive")
+
+
 def _evidence_classes(table: pd.DataFrame, settings: _Settings) -> None:
     """Replace the threshold classes by evidence classes (in place), with notes."""
     for i, row in table.iterrows():
         if row.classification == "insufficient-data" and np.isnan(row.raw_r):
             continue
-        if row.adjust == "crossfit":
-            estimate, p, q = row.adj_r, row.adj_p, row.adj_q
-            lo90, hi90 = _narrow(row.adj_r, row.adj_lo, row.adj_hi)
-        else:
-            k = len([c for c in str(row.controls).split(",") if c])
-            estimate, p, q = row.partial_r, row.partial_p, row.q
-            lo90, hi90 = _fisher_interval(row.partial_r, row.n - 3 - k, 0.90)
-        cls, note = classify_with_evidence(row.raw_r, row.raw_p, estimate, q, lo90, hi90,
-                                           int(row.n), settings.effect, settings.washout,
-                                           settings.alpha, adjusted_p=p)
+        cls, note = _row_evidence(row, settings)
         notes = [row.note] if row.note else []
         rank_cls = classify(row.raw_r, row.partial_r, settings.effect, settings.washout)
         if row.adjust == "crossfit" and rank_cls != cls and not np.isnan(row.adj_r):

@@ -355,3 +355,17 @@ def test_the_printout_shows_the_notes():
     df = ledger(n=60).assign(word="a")
     text = str(audit(df, ["m", "word"], "y", ["c1"], adjust="rank"))
     assert "column 'word' must be numeric" in text
+
+
+def test_rank_classes_stay_published_but_a_claim_without_evidence_is_noted():
+    """Under adjust="rank" the class is the published threshold on the point estimates (five
+    rows of noise can 'survive'); the row's note says the evidence does not carry it."""
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"m": rng.normal(size=5), "y": rng.normal(size=5), "c": rng.normal(size=5)})
+    row = audit(frame, "m", "y", ["c"], adjust="rank").table.iloc[0]
+    assert row.classification == classify(row.raw_r, row.partial_r) == "survives"
+    assert "evidence does not carry it" in row.note and "n = 5" in row.note
+    frame = pd.DataFrame({"m": rng.normal(size=200), "c": rng.normal(size=200)})
+    frame["y"] = frame.m + rng.normal(size=200)
+    strong = audit(frame, "m", "y", ["c"], adjust="rank").table.iloc[0]
+    assert strong.classification == "survives" and strong.note == ""
