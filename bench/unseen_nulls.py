@@ -141,9 +141,9 @@ def _discrete_metric(rng, n):
 # -> 11 / 8 / 2 / 0, periodic_6 68 / 81 / 83 / 11 -> 62 / 45 / 24 / 5); many_level_peak 0 / 58 /
 # 5 / 0 -> 0 / 52 / 4 / 0; many_level_step 22 / 67 / 21 / 1 -> 19 / 37 / 12 / 1; rare_levels
 # 14 / 27 / 16 / 0 -> 11 / 21 / 7 / 0 (none with placebos=200: the twins withhold them);
-# diagonal_step 21 / 20 / 22 / 21 -> 19 / 19 / 19 / 18, and 3 / 4 / 1 / 0 with the target's oblique
+# diagonal_step 21 / 20 / 22 / 21 -> 19 / 19 / 19 / 18, and 2 / 2 / 1 / 0 with the target's oblique
 # step (crossfit._oblique_step; its crossfit size, 100 repetitions at n = 150 / 300 / 1000: 48 /
-# 67 / 100 % before, 22 / 17 / 23 % with it). Every other family's claims were unchanged.
+# 67 / 100 % before, 23 / 19 / 26 % with it). Every other family moved by at most 1 ledger in 100.
 
 
 def _three_way(rng, n):
