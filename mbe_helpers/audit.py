@@ -1175,11 +1175,11 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
 LOCAL_DRAWS = 499
 
 
-def _neighbours(basis, clusters: np.ndarray | None) -> np.ndarray:
-    """:func:`mbe_helpers.crossfit.neighbour_rows` of this basis, cached on it."""
+def _neighbours(basis, clusters: np.ndarray | None) -> "crossfit.Neighbours":
+    """:func:`mbe_helpers.crossfit.neighbour_pairs` of this basis, cached on it."""
     key = ("neighbours", None if clusters is None else pd.factorize(clusters)[0].tobytes())
     if key not in basis.fits:
-        basis.fits[key] = crossfit.neighbour_rows(basis, clusters)
+        basis.fits[key] = crossfit.neighbour_pairs(basis, clusters)
     return basis.fits[key]
 
 
@@ -1276,9 +1276,9 @@ def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
     ``settings.local``) :func:`mbe_helpers.crossfit.neighbour_test` gives the
     one-sided p on the claim's side (uniform where the fit leaves no shared
     shape) and :func:`mbe_helpers.crossfit.beyond_neighbour_p` that of the
-    association with the part of the target's residual that its neighbour
-    does not share; the claim is withheld where the first is below alpha and
-    the second is not. A claim resting on a configuration's seeds (see
+    association beyond the shared shape (the target's residual at the run's
+    own place extrapolated from its two neighbours); the claim is withheld
+    where the first is below alpha and the second is not. A claim resting on a configuration's seeds (see
     :func:`_withhold_thin_claims`) is not checked: the seeds hold the design
     fixed. A strong increment beside a small missed shape keeps its claim (a
     sign inversion at n = 3000 whose neighbour check alone gave p = 0.03 kept
@@ -1292,7 +1292,7 @@ def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
             continue
         residuals, neighbours, side, rng = kept
         e_m, e_y = residuals[:, 1:], residuals[:, 0]
-        local = crossfit.neighbour_test(e_m, e_y, neighbours, side, LOCAL_DRAWS, rng)[0]
+        local = crossfit.neighbour_test(e_m, e_y, neighbours.first, side, LOCAL_DRAWS, rng)[0]
         if not local < settings.alpha:
             continue
         flagged = (f"the metric's residuals follow the target's residuals of neighbouring runs "

@@ -652,6 +652,27 @@ def test_the_neighbour_check_withholds_a_missed_shape(learner_without_smooth_blo
     assert "neighbouring runs" in row.note and "_local_p" not in row.index
 
 
+def test_the_beyond_check_extrapolates_a_shared_shape_to_distance_zero():
+    """A square wave that both residuals keep (steps: the shared covariance falls linearly
+    with the distance) passes the plain difference with the nearest neighbour; extrapolated
+    from two neighbours it mostly does not, while a run's own increment still does."""
+    plain, extrapolated, increment = [], [], []
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        u = rng.uniform(size=600)
+        shape = np.sign(np.sin(40 * u))
+        near = crossfit.neighbour_pairs(crossfit.control_basis(u[:, None]))
+        e_m, e_y = shape + rng.normal(0, 0.2, 600), shape + rng.normal(0, 0.2, 600)
+        d = e_m * (e_y - e_y[near.first])
+        plain.append(d.sum() / (d.std(ddof=1) * np.sqrt(600)) > 1.645)
+        extrapolated.append(crossfit.beyond_neighbour_p(e_m, e_y, near, np.ones(1))[0] < 0.05)
+        trait = rng.normal(size=600)
+        increment.append(crossfit.beyond_neighbour_p(e_m + 0.5 * trait, e_y + 0.5 * trait, near,
+                                                     np.ones(1))[0] < 0.05)
+    assert np.mean(plain) > 0.7 > 0.3 > np.mean(extrapolated)    # measured: 0.875 and 0.125
+    assert np.mean(increment) > 0.7                                # measured: 0.85
+
+
 def test_the_neighbour_check_is_uniform_where_nothing_is_missed():
     """A metric of pure noise against a target that the controls explain: the neighbour check's
     p-values spread over (0, 1] (no shape shared, whatever the target's)."""
