@@ -311,9 +311,9 @@ step along the best slanted line of two numeric ranks
 (:func:`_oblique_step`, cut on the target's training rows like the other
 steps, beside its single index and solved with it): 23, 19 and 26 %, and
 the audit claims it in 2, 2, 1 and 0 % of ledgers at n = 60, 150, 300 and
-1000 (the neighbour check withholds most of what the test still rejects). It enters the target's fit only: in the shared
-basis, where the metrics' fits carry the same misplaced edge, it gave 27,
-29 and 41 %. Ranks are not the controls, so a line in the controls is a
+1000 (the neighbour check withholds most of what the test still rejects).
+It enters the target's fit only: in the shared basis, where the metrics'
+fits carry the same misplaced edge, it gave 27, 29 and 41 %. Ranks are not the controls, so a line in the controls is a
 slightly bent one in their ranks, and the rows nearest the edge stay
 misfitted (with the true edge as the column the statistic's bias is gone).
 Every size and power of chapter 05's Monte Carlo stayed within Monte Carlo
@@ -2101,7 +2101,8 @@ def neighbour_pairs(basis: ControlBasis, clusters: np.ndarray | None = None) -> 
             continue
         k = min(len(members), 2 * int(np.bincount(groups[members]).max()) + 1)
         distance, index = cKDTree(basis.ranks[members]).query(basis.ranks[members], k=k)
-        distance, candidates = distance.reshape(len(members), -1), members[index.reshape(len(members), -1)]
+        distance = distance.reshape(len(members), -1)
+        candidates = members[index.reshape(len(members), -1)]
         rows = np.arange(len(members))
         other = groups[candidates] != groups[members][:, None]              # (m, k), self first
         first = candidates[rows, other.argmax(axis=1)]
