@@ -1239,18 +1239,18 @@ def _withhold_thin_claims(table: pd.DataFrame, settings: _Settings) -> None:
                      "it has the other sign" if np.isfinite(p) else "too few runs repeat one")
             if np.isfinite(p):
                 among += f" (r = {r:+.2f}, permutation p = {p:.3g})"
-            _note_at(table, i, f"{cls} withheld: {configs} configurations of {controls} controls, "
-                               f"and the learner needs {needs} to learn the design's shape; between "
-                               f"configurations a proxy of the design passes as information far "
-                               f"more often than alpha, and among runs with the same controls "
-                               f"{among}; add configurations or drop controls that cannot matter")
+            _withhold(table, i, f"{cls} withheld: {configs} configurations of {controls} controls, "
+                                f"and the learner needs {needs} to learn the design's shape; "
+                                f"between configurations a proxy of the design passes as "
+                                f"information far more often than alpha, and among runs with the "
+                                f"same controls {among}; add configurations or drop controls that "
+                                f"cannot matter")
         else:
-            _note_at(table, i, f"{cls} withheld: {n} rows for {controls} controls, and the "
-                               f"learner's smooth block needs {needs}; without it a training "
-                               f"grid's shape beside controls that do nothing passes as "
-                               f"information far more often than alpha; add runs or drop "
-                               f"controls that cannot matter")
-        table.at[i, "classification"] = "inconclusive"
+            _withhold(table, i, f"{cls} withheld: {n} rows for {controls} controls, and the "
+                                f"learner's smooth block needs {needs}; without it a training "
+                                f"grid's shape beside controls that do nothing passes as "
+                                f"information far more often than alpha; add runs or drop "
+                                f"controls that cannot matter")
     for i in table.index[significant]:             # a small adj_p there can be the design's shape
         r, p = _within_configurations(table, i, settings)
         if np.isfinite(p):
@@ -1303,12 +1303,11 @@ def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
             _note_at(table, i, f"{flagged}; the association holds beyond what neighbours share "
                                f"(p = {beyond:.3g}): the claim stands")
             continue
-        _note_at(table, i, f"{table.at[i, 'classification']} withheld: {flagged}, and not beyond "
-                           f"what neighbours share (p = {beyond:.3g}): the metric and the target "
-                           f"likely share a shape of the controls that the learner did not fit "
-                           f"(a fast oscillation, a step or an optimum of its own per task, a "
-                           f"boundary between two controls); add a control that names that shape")
-        table.at[i, "classification"] = "inconclusive"
+        _withhold(table, i, f"{table.at[i, 'classification']} withheld: {flagged}, and not beyond "
+                            f"what neighbours share (p = {beyond:.3g}): the metric and the target "
+                            f"likely share a shape of the controls that the learner did not fit "
+                            f"(a fast oscillation, a step or an optimum of its own per task, a "
+                            f"boundary between two controls); add a control that names that shape")
 
 
 def _within_configurations(table: pd.DataFrame, i, settings: _Settings) -> tuple[float, float]:
@@ -1326,6 +1325,12 @@ def _within_configurations(table: pd.DataFrame, i, settings: _Settings) -> tuple
 def _note_at(table: pd.DataFrame, i, text: str) -> None:
     """Append ``text`` to the note of row ``i`` (as :func:`_note` does for a row dict)."""
     table.at[i, "note"] = "; ".join(filter(None, [table.at[i, "note"], text]))
+
+
+def _withhold(table: pd.DataFrame, i, text: str) -> None:
+    """Withhold row ``i``'s claim (class ``inconclusive``, in place), saying why in its note."""
+    _note_at(table, i, text)
+    table.at[i, "classification"] = "inconclusive"
 
 
 def _group_problem(frame: pd.DataFrame, metric: str, target: str, controls: list[str]) -> str:
@@ -1836,16 +1841,14 @@ def _gate_claims_by_twins(table: pd.DataFrame, calibration: pd.DataFrame,
                        f"metric's (twin-referenced p = {p_twin:.3g})")
             level = TWIN_LEVEL_SHARE * twin.alpha
             if p_twin <= level:
-                note = f"{flagged}: the claim stands"
+                _note_at(table, i, f"{flagged}: the claim stands")
             else:
                 reach = ("" if 1 / (1 + len(reference)) <= level else
                          f"; with {len(reference)} twins no metric can reach it, run placebos >= "
                          f"{math.ceil(1 / level) - 1}")
-                note = (f"{table.at[i, 'classification']} withheld: {flagged}, above "
-                        f"{level:.3g}{reach}; on this data the adjustment does not separate this "
-                        f"metric from the controls")
-                table.at[i, "classification"] = "inconclusive"
-            _note_at(table, i, note)
+                _withhold(table, i, f"{table.at[i, 'classification']} withheld: {flagged}, above "
+                                    f"{level:.3g}{reach}; on this data the adjustment does not "
+                                    f"separate this metric from the controls")
 
 
 class CalibrationWarning(UserWarning):
