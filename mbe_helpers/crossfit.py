@@ -865,16 +865,16 @@ def _oblique_step(basis: ControlBasis, train: np.ndarray, y: np.ndarray) -> np.n
     if ranks is None or ranks.shape[1] < 2 or distinct < _OBLIQUE_ROWS:
         return np.empty((basis.n, 0))
     centred, target = ranks - 0.5, y[train]
+    trained = centred[train]
     chosen = np.arange(ranks.shape[1])
     if len(chosen) > 3:
-        chosen = np.sort(np.argsort(-_stump_cuts(centred[train], target)[1])[:3])
+        chosen = np.sort(np.argsort(-_stump_cuts(trained, target)[1])[:3])
     first, second = (chosen[side] for side in np.triu_indices(len(chosen), 1))
     spacing = np.pi / 12
     coarse = np.delete(np.arange(1, 12), 5) * spacing                       # 15, 30, ... 165 degrees
     i, j = np.repeat(first, len(coarse)), np.repeat(second, len(coarse))
     angle = np.tile(coarse, len(first))
-    _, gain = _stump_cuts(np.cos(angle) * centred[train][:, i] + np.sin(angle) * centred[train][:, j],
-                          target)
+    _, gain = _stump_cuts(np.cos(angle) * trained[:, i] + np.sin(angle) * trained[:, j], target)
     best = int(np.argmax(gain))
     i, j, theta = i[best], j[best], angle[best]
     for _ in range(3):
