@@ -617,12 +617,13 @@ def control_basis(numeric: np.ndarray | None = None,
     if numeric is not None and not np.isfinite(np.asarray(numeric, dtype=float)).all():
         raise MBEInputError("numeric controls contain NaN or infinite values; drop those rows first")
     n = len(columns[0]) if columns else int(n)
-    main, low, kinds, all_dummies = [], [], [], []
+    main, low, kinds, all_dummies, ranks = [], [], [], [], []
     for index, column in enumerate(columns):
         is_numeric = numeric is not None and index < np.shape(numeric)[1]
         kinds.append(is_numeric and len(np.unique(column)) > LEVELS_AS_CATEGORY)
         if kinds[-1]:
             u = stats.rankdata(column) / n
+            ranks.append(u)
             main.append(_hinge_basis(u))
             low.append(_spline_basis(u, _PAIR_KNOTS))
         else:
@@ -631,7 +632,6 @@ def control_basis(numeric: np.ndarray | None = None,
             low.append(dummies)
             all_dummies.append(dummies)
     pairs = [_tensor(a, b) for i, a in enumerate(low) for b in low[i + 1:]]
-    ranks = [stats.rankdata(c) / n for c, wide in zip(columns, kinds) if wide]
     centred = [np.sqrt(12.0) * (u - 0.5) for u in ranks]
     pairs += [3.0 * (a * b)[:, None] for i, a in enumerate(centred) for b in centred[i + 1:]]
     empty = np.empty((n, 0))
@@ -743,7 +743,9 @@ def _distinct_spectrum(x: np.ndarray, mean: np.ndarray, test: np.ndarray,
     """
     distinct = _distinct_rows(rows, most=0.8)
     if distinct is None:
-        return (*_spectrum(x - mean, test - mean), None)
+        x -= mean                                          # the caller's copy: centred in place
+        test -= mean
+        return (*_spectrum(x, test), None)
     first, inverse, counts = distinct
     root = np.sqrt(counts)[:, None]
     left, right, d, test_v = _spectrum((x[first] - mean) * root, test - mean)
@@ -937,15 +939,17 @@ def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, sca
     cached."""
     key = (train.tobytes(), scale, steps)
     if key not in basis.spectra:
-        x = basis.scaled(scale)
+        blocks = [basis.scaled(scale)]
         if steps is not None:
-            x = np.hstack([x, basis.steps[train.tobytes(), steps]])
-        mean_x = x[train].mean(axis=0)
-        if x.shape[1] == 0:
+            blocks.append(basis.steps[train.tobytes(), steps])
+        x_train = np.hstack([block[train] for block in blocks])       # rows first: one copy
+        mean_x = x_train.mean(axis=0)
+        if x_train.shape[1] == 0:
             basis.spectra[key] = _Spectrum(mean_x, None, None, None, None)
         else:
             rows = None if basis.rows is None else basis.rows[train]
-            spectrum = _Spectrum(mean_x, *_distinct_spectrum(x[train], mean_x, x[test], rows))
+            x_test = np.hstack([block[test] for block in blocks])
+            spectrum = _Spectrum(mean_x, *_distinct_spectrum(x_train, mean_x, x_test, rows))
             if not spectrum.d.size:                      # the basis is constant on these rows
                 spectrum = _Spectrum(mean_x, None, None, None, None)
             basis.spectra[key] = spectrum
@@ -2257,6 +2261,8 @@ def shuffles_within(groups: np.ndarray, size: int, rng: np.random.Generator) -> 
     >>> bool((groups[perms] == groups).all()), perms.shape
     (True, (4, 5))
     """
+    if not (groups != 0).any():          # one group (coded 0): the same draws, without regrouping
+        return np.argsort(rng.random((size, len(groups))), axis=1)
     slots = np.argsort(groups, kind="stable")                 # rows grouped
     shuffled = np.argsort(groups[slots] + rng.random((size, len(groups))), axis=1)
     perms = np.empty((size, len(groups)), dtype=int)

@@ -771,3 +771,12 @@ def test_cluster_cells_give_the_per_row_studentised_wild_statistics(layout):
     assert len(cells.first) == {"config": 40, "two-configs": 40, "no-repeats": n}[layout]
     assert np.allclose(cells.statistics(signs, (flipped - star)[cells.first]),
                        crossfit._studentised(e[:, 1:], star, clusters), atol=1e-10)
+
+
+def test_shuffles_in_one_group_are_the_grouped_draws() -> None:
+    from mbe_helpers.crossfit import shuffles_within
+
+    perms = shuffles_within(np.zeros(30), 5, np.random.default_rng(3))
+    keys = np.random.default_rng(3).random((5, 30))
+    np.testing.assert_array_equal(perms, np.argsort(0.0 + keys, axis=1))   # the regrouping's keys
+    np.testing.assert_array_equal(np.sort(perms, axis=1), np.tile(np.arange(30), (5, 1)))

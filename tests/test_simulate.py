@@ -53,3 +53,13 @@ def test_compare_with_truth_flags_misses() -> None:
     assert frame.as_expected.tolist() == [True, True, False, True]
     assert compare_with_truth({}).observed.eq("missing").all()
     assert np.issubdtype(frame.as_expected.dtype, np.bool_)
+
+
+def test_workers_set_up_for_the_monte_carlo_give_the_numbers_of_one_process() -> None:
+    from mbe_helpers.simulate import run_calibration
+
+    def table(workers: int) -> pd.DataFrame:
+        return run_calibration(["independent_null", "clustered_null"], n=[60], reps=8,
+                               progress=False, workers=workers).drop(columns="seconds")
+
+    pd.testing.assert_frame_equal(table(2), table(1))    # pool workers run worker_setup

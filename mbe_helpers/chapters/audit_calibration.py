@@ -37,7 +37,7 @@ from mbe_helpers.audit import CLAIMS, audit, wilson_interval
 from mbe_helpers.chapters.params import AuditCalibrationParams, check
 from mbe_helpers.crossfit import control_basis, within_configuration_test
 from mbe_helpers.simulate import (METHODS, SCENARIOS, SEEDED_GRID_CONTROLS, run_calibration,
-                                 seeded_grid, truth_ledger)
+                                  seeded_grid, truth_ledger, worker_setup)
 
 STEM = "05_audit_calibration"
 #: How the prose names each method of :func:`mbe_helpers.simulate.method_pvalues`.
@@ -536,19 +536,13 @@ def _claim_task(args: tuple) -> dict:
     return row
 
 
-def _one_blas_thread() -> None:
-    """Pool initializer: one BLAS thread per worker process (the matrices are small)."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-
-
 def _map_tasks(task, tasks: list, workers: int) -> list:
-    """``[task(t) for t in tasks]`` on ``workers`` processes, one BLAS thread each."""
+    """``[task(t) for t in tasks]`` on ``workers`` processes (set up by
+    :func:`mbe_helpers.simulate.worker_setup`: one BLAS thread each)."""
     from threadpoolctl import threadpool_limits
 
     if workers > 1:
-        with ProcessPoolExecutor(workers, initializer=_one_blas_thread) as pool:
+        with ProcessPoolExecutor(workers, initializer=worker_setup) as pool:
             return list(pool.map(task, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
     with threadpool_limits(1):                 # small matrices: BLAS threads only contend
         return [task(t) for t in tasks]
