@@ -147,6 +147,9 @@ def _discrete_metric(rng, n):
 # With the beyond-neighbour check extrapolated from two neighbours (crossfit.beyond_neighbour_p):
 # periodic 77 / 16 / 13 / 10, periodic_6 63 / 29 / 12 / 3, periodic_4 12 / 7 / 2 / 0,
 # many_level_peak 0 / 41 / 4 / 0, many_level_step 20 / 32 / 7 / 1; every other family unchanged.
+# With the escape also extrapolated from the nearest runs of the run's own fold
+# (audit._beyond_neighbours_p): periodic 77 / 4 / 3 / 2, periodic_6 63 / 29 / 4 / 0,
+# many_level_peak 0 / 39 / 4 / 0, many_level_step 20 / 31 / 7 / 1; every other family unchanged.
 
 
 def _three_way(rng, n):

@@ -313,9 +313,10 @@ steps, beside its single index and solved with it): 23, 19 and 26 %, and
 the audit claims it in 2, 2, 1 and 0 % of ledgers at n = 60, 150, 300 and
 1000 (the neighbour check withholds most of what the test still rejects).
 It enters the target's fit only: in the shared basis, where the metrics'
-fits carry the same misplaced edge, it gave 27, 29 and 41 %. Ranks are not the controls, so a line in the controls is a
-slightly bent one in their ranks, and the rows nearest the edge stay
-misfitted (with the true edge as the column the statistic's bias is gone).
+fits carry the same misplaced edge, it gave 27, 29 and 41 %. Ranks are not
+the controls, so a line in the controls is a slightly bent one in their
+ranks, and the rows nearest the edge stay misfitted (with the true edge as
+the column the statistic's bias is gone).
 Every size and power of chapter 05's Monte Carlo stayed within Monte Carlo
 error (seed 0, 200 repetitions); the claims on weak signals moved by at most
 2 points (``bench/weak_signals.py --claims``, 100 ledgers per cell).
@@ -2072,7 +2073,8 @@ class Neighbours:
     far: np.ndarray           # distance to ``second``
 
 
-def neighbour_pairs(basis: ControlBasis, clusters: np.ndarray | None = None) -> Neighbours:
+def neighbour_pairs(basis: ControlBasis, clusters: np.ndarray | None = None,
+                    folds: np.ndarray | None = None) -> Neighbours:
     r"""Each run's nearest and second-nearest neighbours in the controls.
 
     A neighbour is a run close in the ranks of the numeric controls with many
@@ -2080,7 +2082,9 @@ def neighbour_pairs(basis: ControlBasis, clusters: np.ndarray | None = None) -> 
     different configuration of the controls (and a different cluster, when
     given): seeds of one configuration share its deviations, not only its
     shape. The second neighbour is the nearest run of yet another
-    configuration. Designs without such numeric controls have no neighbours.
+    configuration. With ``folds``, only runs of the same fold are neighbours:
+    their residuals come from one fitted function. Designs without such
+    numeric controls have no neighbours.
 
     Examples
     --------
@@ -2089,6 +2093,8 @@ def neighbour_pairs(basis: ControlBasis, clusters: np.ndarray | None = None) -> 
     >>> pairs = neighbour_pairs(control_basis(u[:, None]))   # rows 1 and 2: one configuration
     >>> pairs.first.tolist(), pairs.second.tolist()
     ([2, 3, 3, 4, 5, 4, 7, 6, 7], [3, 0, 0, 2, 3, 6, 5, 8, 6])
+    >>> neighbour_pairs(control_basis(u[:, None]), folds=np.arange(9) % 2).first.tolist()
+    [2, 3, 0, 1, 6, 7, 8, 5, 6]
     """
     from scipy.spatial import cKDTree
 
@@ -2096,8 +2102,9 @@ def neighbour_pairs(basis: ControlBasis, clusters: np.ndarray | None = None) -> 
     found = Neighbours(np.full(n, -1), np.full(n, -1), np.full(n, np.nan), np.full(n, np.nan))
     if basis.ranks is None or not basis.ranks.shape[1]:
         return found
-    cells = (np.unique(basis.levels, axis=0, return_inverse=True)[1].ravel()
-             if basis.levels.shape[1] else np.zeros(n, dtype=int))
+    cells = np.column_stack([basis.levels, *([] if folds is None else [folds])])
+    cells = (np.unique(cells, axis=0, return_inverse=True)[1].ravel() if cells.shape[1]
+             else np.zeros(n, dtype=int))
     groups = basis.rows if clusters is None else pd.factorize(clusters)[0]
     for cell in np.unique(cells):
         members = np.flatnonzero(cells == cell)
@@ -2219,7 +2226,9 @@ def beyond_neighbour_p(e_m: np.ndarray, e_y: np.ndarray, neighbours: Neighbours,
     gave 28 and 16 % on eight periods, 4 gave 13 and 11 %. One line fitted
     to every run's two neighbour products instead (its intercept as the
     extrapolation) took eight periods to 1 and 0 % but the per-task step up
-    to 41 and 14 %.
+    to 41 and 14 %. The audit asks for the association beyond the
+    extrapolations from the nearest runs and from the nearest runs of the
+    same fold both (:func:`mbe_helpers.audit._beyond_neighbours_p`).
 
     Examples
     --------

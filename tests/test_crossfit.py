@@ -780,3 +780,23 @@ def test_shuffles_in_one_group_are_the_grouped_draws() -> None:
     keys = np.random.default_rng(3).random((5, 30))
     np.testing.assert_array_equal(perms, np.argsort(0.0 + keys, axis=1))   # the regrouping's keys
     np.testing.assert_array_equal(np.sort(perms, axis=1), np.tile(np.arange(30), (5, 1)))
+
+
+def test_a_claim_must_hold_beyond_the_neighbours_of_its_own_fold() -> None:
+    # Each fold's fits miss a shape by their own amount: across folds that difference is a
+    # jump between neighbours, which the extrapolation from the nearest runs takes for an
+    # increment; within a fold it is smooth, and a real increment passes both.
+    beyond_neighbours_p = importlib.import_module("mbe_helpers.audit")._beyond_neighbours_p
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        u, folds = rng.uniform(size=600), rng.integers(0, 5, 600)
+        basis = crossfit.control_basis(u[:, None])
+        every = crossfit.neighbour_pairs(basis)
+        pairs = (every, crossfit.neighbour_pairs(basis, folds=folds))
+        shared = np.sin(40 * u) + np.array([-2.0, -1.0, 0.0, 1.0, 2.0])[folds]
+        trait = rng.normal(size=600)
+        e_y = trait + shared + rng.normal(size=600)
+        proxy, increment = shared + rng.normal(size=600), trait + shared + rng.normal(size=600)
+        assert crossfit.beyond_neighbour_p(proxy[:, None], e_y, every, np.ones(1))[0] < 0.05
+        assert beyond_neighbours_p(proxy[:, None], e_y, pairs, np.ones(1)) > 0.3
+        assert beyond_neighbours_p(increment[:, None], e_y, pairs, np.ones(1)) < 0.01
