@@ -1172,7 +1172,8 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
                 _adj_stat=abs(test.statistic), _thin=thin, _configs=configs)
 
 
-def _beyond_neighbours_p(e_m: np.ndarray, e_y: np.ndarray, pairs: tuple, side: np.ndarray) -> float:
+def _beyond_neighbours_p(e_m: np.ndarray, e_y: np.ndarray, pairs: tuple,
+                         side: np.ndarray) -> float:
     """The largest defined :func:`mbe_helpers.crossfit.beyond_neighbour_p` of one metric over
     the neighbour sets ``pairs`` (NaN where none is defined): the association must hold beyond
     every extrapolation of what the neighbours share.
@@ -1310,14 +1311,14 @@ def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
     one-sided p on the claim's side (uniform where the fit leaves no shared
     shape) and :func:`mbe_helpers.crossfit.beyond_neighbour_p` that of the
     association beyond the shared shape (the target's residual at the run's
-    own place extrapolated from its two neighbours, and again from its two neighbours in its
-    own fold: :func:`_beyond_neighbours_p`); the claim is withheld
-    where the first is below alpha and the second is not. A claim resting on a configuration's seeds (see
-    :func:`_withhold_thin_claims`) is not checked: the seeds hold the design
-    fixed. A strong increment beside a small missed shape keeps its claim (a
-    sign inversion at n = 3000 whose neighbour check alone gave p = 0.03 kept
-    it with p < 1e-10).
-    Measured in the README ("Shapes the learner cannot represent") with
+    own place extrapolated from its two neighbours, and again from its two
+    neighbours in its own fold: :func:`_beyond_neighbours_p`); the claim is
+    withheld where the first is below alpha and the second is not. A claim
+    resting on a configuration's seeds (see :func:`_withhold_thin_claims`) is
+    not checked: the seeds hold the design fixed. A strong increment beside
+    a small missed shape keeps its claim (a sign inversion at n = 3000 whose
+    neighbour check alone gave p = 0.03 kept it with p < 1e-10). Measured in
+    the README ("Shapes the learner cannot represent") with
     ``bench/unseen_nulls.py --claims`` and ``bench/weak_signals.py --claims``.
     """
     for i in table.index[np.isin(table.classification.to_numpy(), CLAIMS)]:

@@ -943,7 +943,7 @@ def _fold_spectrum(basis: ControlBasis, train: np.ndarray, test: np.ndarray, sca
         blocks = [basis.scaled(scale)]
         if steps is not None:
             blocks.append(basis.steps[train.tobytes(), steps])
-        x_train = np.hstack([block[train] for block in blocks])       # rows first: one copy
+        x_train = np.hstack([block[train] for block in blocks])  # no copy of the whole basis
         mean_x = x_train.mean(axis=0)
         if x_train.shape[1] == 0:
             basis.spectra[key] = _Spectrum(mean_x, None, None, None, None)
