@@ -150,6 +150,9 @@ def _discrete_metric(rng, n):
 # With the escape also extrapolated from the nearest runs of the run's own fold
 # (audit._beyond_neighbours_p): periodic 77 / 4 / 3 / 2, periodic_6 63 / 29 / 4 / 0,
 # many_level_peak 0 / 39 / 4 / 0, many_level_step 20 / 31 / 7 / 1; every other family unchanged.
+# With claims in thin one-hot cells (median < 20 runs) required to hold beyond the nearest runs
+# (audit._withhold_thin_cells): many_level_peak 0 / 14 / 2 / 0, many_level_step 7 / 8 / 7 / 1,
+# rare_levels 0 / 5 / 3 / 0; every other family unchanged.
 
 
 def _three_way(rng, n):

@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 from mbe_helpers import MBEInputError, audit, classify, partial_rank_corr
-from mbe_helpers.audit import CLASSES, _build_design, _rank_correlations, bh_qvalues, weighted_ranks
+from mbe_helpers.audit import (CLAIMS, CLASSES, _build_design, _rank_correlations, bh_qvalues,
+                               weighted_ranks)
 
 matplotlib.use("Agg")
 
@@ -369,3 +370,30 @@ def test_rank_classes_stay_published_but_a_claim_without_evidence_is_noted():
     frame["y"] = frame.m + rng.normal(size=200)
     strong = audit(frame, "m", "y", ["c"], adjust="rank").table.iloc[0]
     assert strong.classification == "survives" and strong.note == ""
+
+
+def _tasks_ledger(seed: int, trait: float) -> pd.DataFrame:
+    """150 runs over 20 tasks with an optimum lr of each task's own, shared by the metric and
+    the target, and a per-run trait of standard deviation ``trait`` in both."""
+    rng = np.random.default_rng(seed)
+    task, lr = rng.integers(0, 20, 150), rng.uniform(-1, 1, 150)
+    shape = 2 * np.exp(-(((lr - rng.uniform(-0.8, 0.8, 20)[task]) / 0.3) ** 2))
+    own = trait * rng.normal(size=150)
+    return pd.DataFrame({"task": [f"t{t:02d}" for t in task], "lr": lr,
+                         "metric": shape + own + rng.normal(0, 0.3, 150),
+                         "target": shape + own + rng.normal(0, 0.3, 150)})
+
+
+def test_claims_in_thin_cells_must_hold_beyond_what_neighbours_share() -> None:
+    # 20 tasks of about 8 runs: too few to learn each task's own optimum, which the metric and
+    # the target share; the claims must then hold beyond the nearest runs, as increments do
+    def rows(trait: float) -> pd.DataFrame:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pd.DataFrame([audit(_tasks_ledger(seed, trait), "metric", "target",
+                                       ["task", "lr"]).table.iloc[0] for seed in range(12)])
+
+    null, increment = rows(0.0), rows(0.5)
+    assert null.classification.isin(CLAIMS).sum() <= 1
+    assert null.note.str.contains("cells of a median").sum() >= 2
+    assert increment.classification.isin(CLAIMS).sum() >= 10
