@@ -1359,10 +1359,11 @@ def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
     weak signals of ``bench/weak_signals.py`` have at most 6 cells of at
     least 25 runs from n = 150 and keep every claim.
 
-    A strong increment beside a small missed shape keeps its claim (a sign inversion at n = 3000 whose
-    neighbour check alone gave p = 0.03 kept it with p < 1e-10). Measured in
-    the README ("Shapes the learner cannot represent") with
-    ``bench/unseen_nulls.py --claims`` and ``bench/weak_signals.py --claims``.
+    A strong increment beside a small missed shape keeps its claim (a sign
+    inversion at n = 3000 whose neighbour check alone gave p = 0.03 kept it
+    with p < 1e-10). Measured in the README ("Shapes the learner cannot
+    represent") with ``bench/unseen_nulls.py --claims`` and
+    ``bench/weak_signals.py --claims``.
     """
     for i in table.index[np.isin(table.classification.to_numpy(), CLAIMS)]:
         kept = settings.local.get((table.at[i, "group"], table.at[i, "metric"]))
