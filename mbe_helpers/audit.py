@@ -1206,7 +1206,9 @@ def _beyond_neighbours_p(e_m: np.ndarray, e_y: np.ndarray, pairs: tuple,
 #: Median runs per cell of the one-hot controls below which a claim must hold beyond what
 #: neighbours share whatever the neighbour test says (:func:`_withhold_local_claims`): 20
 #: tasks of 8 runs and 12 of 12.5 are below it, the six optimizer x architecture cells of
-#: ``weak_eight`` in ``bench/weak_signals.py`` at n = 150 (25 runs) above.
+#: ``weak_eight`` in ``bench/weak_signals.py`` at n = 150 (25 runs) above. At 30, ``weak_eight``
+#: kept 48 % of its claims at n = 150 (92 % at 20); below 20 runs per cell weak increments pay
+#: (at n = 100 / 120, 17-20 runs per cell: 62 / 78 -> 25 / 56 %; see the README).
 CELL_RUNS = 20
 
 
