@@ -875,8 +875,8 @@ class _Settings:
     #: per (group, metric) on too few configurations: the metric, the target and the
     #: configuration codes, for the within-configuration test of a claim (computed only then)
     within: dict = field(default_factory=dict, repr=False)
-    #: per (group, metric) under crossfit: the residuals, neighbours, side and random stream of
-    #: the neighbour check of a claim (computed only then, see :func:`_withhold_local_claims`)
+    #: per (group, metric) under crossfit: a :class:`_LocalCheck`, the inputs of the
+    #: neighbour check of a claim (run only then, see :func:`_withhold_local_claims`)
     local: dict = field(default_factory=dict, repr=False)
     #: per (group, controls): the notes on controls one-hot encoded although they look ordered
     category_notes: dict = field(default_factory=dict, repr=False)
@@ -1164,11 +1164,9 @@ def _adjusted(clean: pd.DataFrame, metric: str, target: str, controls: list[str]
         settings.within[row["group"], metric] = (clean[metric].to_numpy(float),
                                                  clean[target].to_numpy(float), basis.rows)
     if test.p < settings.alpha:                   # a claim needs it; keep only what may claim
-        settings.local[row["group"], metric] = (test.residuals, _neighbours(basis, clusters),
-                                                _neighbours(basis, clusters, folds),
-                                                np.array([np.sign(test.r) or 1.0]),
-                                                rng.spawn(1)[0],   # a child stream: rng stays
-                                                _median_cell_runs(basis))
+        settings.local[row["group"], metric] = _LocalCheck(
+            test.residuals, basis, clusters, folds, np.array([np.sign(test.r) or 1.0]),
+            rng.spawn(1)[0])                                    # a child stream: rng stays
     return dict(adj_r=test.r, adj_p=test.p, adj_lo=test.lo, adj_hi=test.hi, adjust="crossfit",
                 _adj_stat=abs(test.statistic), _thin=thin, _configs=configs)
 
@@ -1231,6 +1229,20 @@ def _median_cell_runs(basis) -> float:
 
 #: Random pairings behind a claim's neighbour check (:func:`_withhold_local_claims`).
 LOCAL_DRAWS = 499
+
+
+@dataclass(frozen=True)
+class _LocalCheck:
+    """What the neighbour check of one cross-fitted claim needs (:func:`_withhold_local_claims`):
+    the out-of-fold residuals (target first), the basis, clusters and folds they came from, the
+    claim's side and a random stream of its own."""
+
+    residuals: np.ndarray
+    basis: "crossfit.ControlBasis"
+    clusters: np.ndarray | None
+    folds: np.ndarray
+    side: np.ndarray
+    rng: np.random.Generator
 
 
 def _neighbours(basis, clusters: np.ndarray | None,
@@ -1371,17 +1383,19 @@ def _withhold_local_claims(table: pd.DataFrame, settings: _Settings) -> None:
         kept = settings.local.get((table.at[i, "group"], table.at[i, "metric"]))
         if kept is None:                          # only cross-fitted rows that may claim keep one
             continue
-        residuals, neighbours, same_fold, side, rng, cell_runs = kept
-        e_m, e_y = residuals[:, 1:], residuals[:, 0]
-        local = crossfit.neighbour_test(e_m, e_y, neighbours.first, side, LOCAL_DRAWS, rng)[0]
+        e_m, e_y, side = kept.residuals[:, 1:], kept.residuals[:, 0], kept.side
+        neighbours = _neighbours(kept.basis, kept.clusters)
+        local = crossfit.neighbour_test(e_m, e_y, neighbours.first, side, LOCAL_DRAWS,
+                                        kept.rng)[0]
         if not local < settings.alpha:
-            if cell_runs < CELL_RUNS:
+            if (cell_runs := _median_cell_runs(kept.basis)) < CELL_RUNS:
                 _withhold_thin_cells(table, i, crossfit.beyond_neighbour_p(
                     e_m, e_y, neighbours, side)[0], cell_runs, settings.alpha)
             continue
         flagged = (f"the metric's residuals follow the target's residuals of neighbouring runs "
                    f"too (nearest other configuration in the controls; one-sided p = "
                    f"{local:.3g}), which a run's own increment cannot do")
+        same_fold = _neighbours(kept.basis, kept.clusters, kept.folds)
         beyond = _beyond_neighbours_p(e_m, e_y, (neighbours, same_fold), side)
         if beyond < settings.alpha:
             _note_at(table, i, f"{flagged}; the association holds beyond what neighbours share "
