@@ -2127,20 +2127,6 @@ def neighbour_pairs(basis: ControlBasis, clusters: np.ndarray | None = None,
     return found
 
 
-def neighbour_rows(basis: ControlBasis, clusters: np.ndarray | None = None) -> np.ndarray:
-    r"""Each run's nearest neighbour in the controls (:func:`neighbour_pairs`), for
-    :func:`neighbour_test`: (n,) row indices, -1 where a run has none.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> u = np.array([0.1, 0.2, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9])
-    >>> neighbour_rows(control_basis(u[:, None])).tolist()   # rows 1 and 2: one configuration
-    [2, 3, 3, 4, 5, 4, 7, 6, 7]
-    """
-    return neighbour_pairs(basis, clusters).first
-
-
 def _paired(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray) -> tuple:
     """``e_m`` as (n, K) and the runs that have a neighbour (None when fewer than 3 do)."""
     e_m = np.asarray(e_m, dtype=float).reshape(len(e_y), -1)
@@ -2156,7 +2142,8 @@ def neighbour_test(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray, sig
     A run's own increment (a trait the metric measures) ties its metric to its
     *own* target; a shape of the controls that the learner missed ties it to
     the target of a *neighbouring* run too. With :math:`j(i)` the neighbour of
-    run :math:`i` (:func:`neighbour_rows`), the statistic is
+    run :math:`i` (``neighbours``, the ``first`` of :func:`neighbour_pairs`),
+    the statistic is
 
     .. math:: N = \sum_i e_{M,i}\, e_{Y,j(i)},
 
@@ -2172,7 +2159,7 @@ def neighbour_test(e_m: np.ndarray, e_y: np.ndarray, neighbours: np.ndarray, sig
     >>> rng = np.random.default_rng(0)
     >>> u = rng.uniform(size=300)
     >>> shared = np.sin(40 * u)                            # a fast shape both residuals keep
-    >>> near = neighbour_rows(control_basis(u[:, None]))
+    >>> near = neighbour_pairs(control_basis(u[:, None])).first
     >>> p = neighbour_test(np.column_stack([shared + rng.normal(size=300), rng.normal(size=300)]),
     ...                    shared + rng.normal(size=300), near, np.ones(2), rng=rng)
     >>> bool(p[0] < 0.01), bool(p[1] > 0.05)

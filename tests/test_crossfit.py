@@ -681,7 +681,7 @@ def test_the_neighbour_check_is_uniform_where_nothing_is_missed():
     for _ in range(60):
         b = rng.uniform(size=(200, 2))
         e_y, e_m = rng.normal(size=200), rng.normal(size=(200, 1))
-        near = crossfit.neighbour_rows(crossfit.control_basis(b))
+        near = crossfit.neighbour_pairs(crossfit.control_basis(b)).first
         p.append(crossfit.neighbour_test(e_m, e_y, near, np.ones(1), 199, rng)[0])
     assert 0.01 < np.mean(np.array(p) < 0.05) < 0.15 and 0.4 < np.mean(p) < 0.6
 
